@@ -1,0 +1,341 @@
+"""
+Datasets for one-shot medical anomaly detection.
+
+Every split is a sorted list of plain dict records:
+    {"name", "label" (0 normal / 1 anomalous / -1 unknown), "cls", "path", "mask_path", "image", "mask"}
+("image"/"mask" arrays are only filled by the in-memory synthetic set.)
+
+Usage:
+    recs = load_split("busi", "/work/shared/data", "test")      # MediCLIP or MVFA layout, or "synthetic"
+    shots = sample_shots(load_split("busi", root, "train"), k=1, seed=0)
+    x, m = load_images(recs, size=224)                           # (B,3,S,S) in [0,1], (B,1,S,S) in {0,1}
+    views = augment_views(load_images(shots, 224)[0], n_views=8, seed=0)
+
+Layouts understood under <root>/<name>:
+    MediCLIP: samples/{train,test}.json (one JSON object per line) + images/
+    MVFA/BMAD: {valid,test}/{good,Ungood}/img/* with masks in Ungood/anomaly_mask/
+Every bad input raises DataError with a one-line message that names the file and the problem.
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from scipy.ndimage import gaussian_filter, label as cc_label
+
+DATASETS = ("brainmri", "busi", "chexpert", "synthetic")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MIN_SIDE = 32  # anything smaller is a thumbnail or an icon, not a scan
+MASK_DIRS = ("anomaly_mask", "label")  # MVFA renamed BMAD's "label" folder; accept both
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the problem on one line."""
+
+
+def _record(name, label, cls, path=None, mask_path=None, image=None, mask=None):
+    return {"name": name, "label": label, "cls": cls, "path": path,
+            "mask_path": mask_path, "image": image, "mask": mask}
+
+
+def _one_line(e):
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+# -----------------------------------------------------------------------------
+# splits
+
+def load_split(name, root, split, seed=0):
+    if split not in ("train", "test"):
+        raise DataError(f"{name}: split must be 'train' or 'test', got {split!r}")
+    if name == "synthetic":
+        recs = _synthetic(split, seed)
+    else:
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            raise DataError(f"{root}: data root folder does not exist")
+        base = os.path.join(root, name)
+        json_path = os.path.join(base, "samples", f"{split}.json")
+        if os.path.isfile(json_path):
+            recs = _mediclip(base, json_path)
+        elif _is_mvfa(base):
+            recs = _mvfa(base, split)
+        else:
+            raise DataError(f"{base}: no dataset here (looked for samples/{split}.json, an MVFA "
+                            f"valid/test folder); named datasets: {', '.join(DATASETS)}")
+        if not recs:
+            raise DataError(f"{base}: split {split!r} is empty (no images listed or found)")
+    return sorted(recs, key=lambda r: r["name"])
+
+
+def _mediclip(base, json_path):
+    images = os.path.join(base, "images")
+    recs, seen = [], set()
+    with open(json_path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{json_path}:{lineno}"
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON line ({e.msg})") from None
+            if not isinstance(item, dict) or "filename" not in item or "label" not in item:
+                raise DataError(f"{where}: line needs an object with 'filename' and 'label'")
+            if item["label"] not in (0, 1):
+                raise DataError(f"{where}: label must be 0 or 1, got {item['label']!r}")
+            fn, label = item["filename"], int(item["label"])
+            if fn in seen:  # names must be unique: they key scores and results
+                raise DataError(f"{where}: duplicate filename {fn}")
+            seen.add(fn)
+            # check existence now: a missing file should fail at load time, not mid-evaluation
+            path = os.path.join(images, fn)
+            mask = os.path.join(images, item["mask"]) if item.get("mask") else None
+            for p in (path, mask):
+                if p is not None and not os.path.isfile(p):
+                    raise DataError(f"{p}: listed in {where} but missing")
+            cls = item.get("clsname") or ("normal" if label == 0 else "abnormal")
+            recs.append(_record(fn, label, cls, path, mask))
+    return recs
+
+
+def _is_mvfa(base):
+    return any(os.path.isdir(os.path.join(base, s, g))
+               for s in ("valid", "test") for g in ("good", "Ungood"))
+
+
+def _image_files(folder):
+    """Image files directly inside folder (not recursive), sorted."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(f for f in os.listdir(folder)
+                  if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."))
+
+
+def _mvfa(base, split):
+    parts = [("valid", "good", 0, "normal")] if split == "train" else \
+            [("test", "good", 0, "normal"), ("test", "Ungood", 1, "abnormal")]
+    recs = []
+    for sub, group, label, cls in parts:
+        gdir = os.path.join(base, sub, group)
+        img_dir = os.path.join(gdir, "img") if os.path.isdir(os.path.join(gdir, "img")) else gdir
+        for fn in _image_files(img_dir):
+            path = os.path.join(img_dir, fn)
+            masks = [os.path.join(gdir, d, fn) for d in MASK_DIRS] if label == 1 else []
+            mask = next((m for m in masks if os.path.isfile(m)), None)
+            name = os.path.relpath(path, base).replace(os.sep, "/")
+            recs.append(_record(name, label, cls, path, mask))
+    return recs
+
+
+def list_images(folder):
+    folder = os.fspath(folder)
+    recs = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for fn in filenames:
+            if fn.lower().endswith(IMAGE_EXTS) and not fn.startswith("."):
+                path = os.path.join(dirpath, fn)
+                name = os.path.relpath(path, folder).replace(os.sep, "/")
+                recs.append(_record(name, -1, "unknown", path))
+    if not recs:
+        raise DataError(f"{folder}: no images here (missing or empty folder; looked for {', '.join(IMAGE_EXTS)})")
+    return sorted(recs, key=lambda r: r["name"])
+
+
+def sample_shots(records, k, seed):
+    pool = sorted((r for r in records if r["label"] == 0), key=lambda r: r["name"])
+    if not 1 <= k <= len(pool):
+        paths = [os.path.dirname(r["path"]) for r in records if r.get("path")]
+        src = f" from {os.path.commonpath(paths)}" if paths else ""
+        raise DataError(f"sample_shots: k={k} but the pool holds {len(pool)} normal (label-0) records "
+                        f"out of {len(records)} given{src}")
+    idx = np.random.default_rng(seed).choice(len(pool), k, replace=False)
+    return [pool[i] for i in idx]
+
+
+# -----------------------------------------------------------------------------
+# synthetic phantoms: in memory, deterministic from the seed
+
+def _ellipse_r(yy, xx, cy, cx, a, b, t):
+    """Normalised elliptic radius: < 1 inside the ellipse."""
+    dy, dx = yy - cy, xx - cx
+    u, v = dx * np.cos(t) + dy * np.sin(t), -dx * np.sin(t) + dy * np.cos(t)
+    return np.sqrt((u / a) ** 2 + (v / b) ** 2)
+
+
+def _soft(r, width):
+    """Soft inside-indicator of r < 1 (sigmoid edge), like partial-volume blur at organ borders."""
+    return 1.0 / (1.0 + np.exp(np.clip((r - 1.0) / width, -50, 50)))
+
+
+def _smooth_noise(rng, n, sigma):
+    z = gaussian_filter(rng.standard_normal((n, n)), sigma)
+    return z / z.std()
+
+
+def _phantom(rng, n=224):
+    """One normal slice: organ with a bright rim, 1-2 darker inner structures, smooth texture."""
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float64)
+    cy, cx = n / 2 + rng.uniform(-10, 10, 2)
+    a, b = n * rng.uniform(0.30, 0.40), n * rng.uniform(0.24, 0.32)
+    t = rng.uniform(-0.35, 0.35)
+    r = _ellipse_r(yy, xx, cy, cx, a, b, t)
+    organ = _soft(r, 0.02)
+    img = organ * (rng.uniform(0.45, 0.6) + 0.04 * _smooth_noise(rng, n, 4) + 0.05 * _smooth_noise(rng, n, 20))
+    img += rng.uniform(0.2, 0.35) * (_soft(r / 1.07, 0.02) - organ)  # capsule / skull-like rim
+    for _ in range(rng.integers(1, 3)):
+        oy, ox = rng.uniform(-0.3, 0.3, 2) * (b, a)
+        ri = _ellipse_r(yy, xx, cy + oy, cx + ox, a * rng.uniform(0.1, 0.2), b * rng.uniform(0.1, 0.2), t)
+        img -= rng.uniform(0.15, 0.25) * _soft(ri, 0.05) * organ
+    img[img < 1e-3] = 0  # sigmoid tails would leave 1e-20 haze: make the background truly black
+    return np.clip(img, 0, 1).astype(np.float32), r
+
+
+def _add_lesion(rng, img, r_organ, hyper):
+    """Paint a smooth irregular blob inside the organ; the mask is exactly the changed pixels."""
+    n = img.shape[0]
+    ys, xs = np.nonzero(r_organ < 0.6)
+    i = rng.integers(len(ys))
+    yy, xx = np.mgrid[0:n, 0:n]
+    field = 1 - np.hypot(yy - ys[i], xx - xs[i]) / rng.uniform(8, 18) + 0.25 * _smooth_noise(rng, n, 3)
+    comps, _ = cc_label((field > 0) & (r_organ < 0.9))
+    blob = comps == np.bincount(comps.ravel()[comps.ravel() > 0]).argmax()  # one blob, no islands
+    amp = rng.uniform(0.15, 0.3) * (1 if hyper else -1)
+    delta = amp * (0.5 + np.clip(field, 0, 0.5)) * blob  # at least half strength, so every blob pixel changes
+    out = np.clip(img + delta, 0, 1).astype(np.float32)
+    return out, out != img
+
+
+def _synthetic(split, seed):
+    # separate seed-derived streams so the test split never repeats a training phantom
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    if split == "train":
+        return [_record(f"train/normal_{i:02d}", 0, "normal", image=_phantom(rng)[0]) for i in range(16)]
+    recs = [_record(f"test/normal_{i:02d}", 0, "normal", image=_phantom(rng)[0]) for i in range(12)]
+    for i in range(12):
+        cls = "hyper" if i % 2 == 0 else "hypo"
+        img, mask = _add_lesion(rng, *_phantom(rng), hyper=cls == "hyper")
+        recs.append(_record(f"test/{cls}_{i:02d}", 1, cls, image=img, mask=mask))
+    return recs
+
+
+# -----------------------------------------------------------------------------
+# reading pixels
+
+def _array_to_rgb(a, src):
+    a = np.asarray(a)
+    a = (a / 255.0 if a.dtype == np.uint8 else a).astype(np.float32)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] != 3:
+        raise DataError(f"{src}: image array has shape {a.shape}, expected (H, W) or (H, W, 3)")
+    return np.clip(a, 0, 1)
+
+
+def _pil_to_rgb(im):
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # high bit-depth scans have arbitrary ranges: scale each image to its own min..max
+        a = np.nan_to_num(np.array(im).astype(np.float32))
+        lo, hi = a.min(), a.max()
+        a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+        return np.repeat(a[..., None], 3, axis=2)
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        # composite on black so transparent pixels become background, not their hidden colour
+        im = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im)
+    return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def _open(path, what):
+    """Open, fully decode and EXIF-orient an image file; every failure becomes a DataError."""
+    if not path or not os.path.isfile(path):
+        raise DataError(f"{path}: {what} file does not exist")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: {what} file is empty (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            im.load()  # force a full decode so truncated files fail here, not later
+            return ImageOps.exif_transpose(im)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: unreadable {what} ({_one_line(e)})") from None
+
+
+def read_image(rec):
+    if rec.get("image") is not None:
+        src = rec["name"]
+        img = _array_to_rgb(rec["image"], src)
+    else:
+        src = rec.get("path")
+        im = _open(src, "image")
+        try:
+            img = _pil_to_rgb(im)
+        except (OSError, ValueError) as e:  # exotic modes PIL cannot convert
+            raise DataError(f"{src}: cannot convert {im.mode} image to RGB ({_one_line(e)})") from None
+    h, w = img.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise DataError(f"{src}: image is {w}x{h} px, smaller than {MIN_SIDE} px on a side")
+    return img
+
+
+def read_mask(rec, hw):
+    hw = tuple(int(s) for s in hw)
+    if rec.get("mask") is not None:
+        src, m = rec["name"], np.asarray(rec["mask"])
+        m = m > 127 if m.dtype == np.uint8 else m > 0.5
+    elif rec.get("mask_path"):
+        src = rec["mask_path"]
+        # JPEG masks carry grey ringing around the edge: threshold at mid-grey
+        m = np.asarray(_open(src, "mask").convert("L")) > 127
+    else:
+        return np.zeros(hw, dtype=bool)
+    if m.shape != hw:
+        raise DataError(f"{src}: mask is {m.shape[1]}x{m.shape[0]} but its image is {hw[1]}x{hw[0]} (WxH)")
+    return m
+
+
+def load_images(records, size):
+    if not records:
+        raise DataError("load_images: no records given")
+    xs, ms = [], []
+    for rec in records:
+        img = read_image(rec)
+        m = torch.from_numpy(read_mask(rec, img.shape[:2])).float()[None, None]
+        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None]
+        xs.append(F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False))
+        # nearest-exact samples pixel centres like PIL's NEAREST (plain "nearest" shifts by half a pixel)
+        ms.append(F.interpolate(m, size=(size, size), mode="nearest-exact"))
+    return torch.cat(xs).clamp(0, 1), torch.cat(ms)
+
+
+# -----------------------------------------------------------------------------
+# augmentation of the few normal shots
+
+def augment_views(x, n_views, seed):
+    """(k,3,S,S) -> (k*n_views,3,S,S), shot-major; view 0 of each shot is the image itself."""
+    if n_views < 1:
+        raise DataError(f"augment_views: n_views must be >= 1, got {n_views}")
+    g = torch.Generator().manual_seed(seed)
+    xv = x.repeat_interleave(n_views, dim=0)  # shot-major
+    n = xv.shape[0]
+
+    def u(lo, hi):
+        return lo + (hi - lo) * torch.rand(n, generator=g)
+
+    ang, scale = torch.deg2rad(u(-15, 15)), u(0.9, 1.1)
+    tx, ty = u(-0.1, 0.1), u(-0.1, 0.1)  # grid coords span 2, so 0.1 = 5 % of the side
+    flip = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    gamma, bright = u(0.9, 1.1), u(0.9, 1.1)
+    cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
+    # theta maps output coords to input coords: rotate/scale after an optional horizontal flip
+    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1),
+                         torch.stack([sin * flip, cos, ty], 1)], 1).to(x.device, x.dtype)
+    grid = F.affine_grid(theta, list(xv.shape), align_corners=False)
+    out = F.grid_sample(xv, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp(0, 1)
+    out = (out ** gamma.to(x)[:, None, None, None] * bright.to(x)[:, None, None, None]).clamp(0, 1)
+    keep = torch.arange(n, device=x.device) % n_views == 0
+    out[keep] = xv[keep]
+    return out

@@ -1,0 +1,184 @@
+"""
+The deviation predictor eta_theta and DeCo-Diff's masked forward process (Beizaee et al., "Correcting
+Deviations from Normality: A Reformulated Diffusion Model for Multi-Class Unsupervised Anomaly Detection",
+CVPR 2025), used here to *synthesise* anomalies in MedVAE latent space.
+
+Masked forward process (m = 1 marks clean context, t ~ U{0..T-1}, cosine schedule, T = 10):
+    x_t = m * x0 + (1 - m) * (sqrt(abar_t) * x0 + sqrt(1 - abar_t) * n)
+    eta = (1 - m) * (n - k_t * x0),   k_t = (1 - sqrt(abar_t)) / sqrt(1 - abar_t)
+so that x_t - x0 = sqrt(1 - abar_t) * eta. eta_theta(x_t, t) predicts eta with an MSE over the whole latent;
+it is not given the mask, so it must find the deviating region itself.
+n is Gaussian, except in a fraction (U(0, 0.3)) of the corrupted patches, where it is the latent of another
+image of the batch at the same place (DeCo-Diff's shuffled patches): deviations that look like anatomy.
+
+Synthesis in one step (the seed's method):
+    z_anom = z_n + C * (1 - m) * eta_theta(x_t, t) / rms,   label = 1 - m, mapped to image resolution
+and the control without a network: z_n + C * (1 - m) * n.
+
+    import deviation
+    eta = deviation.build_unet("small", channels=1)
+    x_t, target = deviation.masked_forward(z, m, t, n)
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+T = 10
+PATCH_SIZES = (1, 2, 4, 8, 16)          # DeCo-Diff's patch sizes, in cells of a 32x32 latent grid
+PATCH_PROBS = (0.30, 0.25, 0.20, 0.15, 0.10)
+MAX_CORRUPT = 0.7                        # corrupted fraction ~ U(0, 0.7) per image
+MAX_SHUFFLE = 0.3                        # fraction of corrupted patches filled by shuffled latents ~ U(0, 0.3)
+UNET_PRESETS = {                         # width, channel multipliers per level, res blocks per level
+    "tiny": dict(width=16, mults=(1, 2), blocks=1),
+    "small": dict(width=32, mults=(1, 2, 4), blocks=1),
+    "base": dict(width=64, mults=(1, 2, 4), blocks=2),
+}
+
+
+def cosine_abar(steps=T, s=0.008):
+    """abar_t for t = 0..steps-1 (Nichol & Dhariwal 2021), betas clipped at 0.999 as usual."""
+    f = lambda t: math.cos((t / steps + s) / (1 + s) * math.pi / 2) ** 2
+    betas = torch.tensor([min(1 - f(t + 1) / f(t), 0.999) for t in range(steps)], dtype=torch.float64)
+    return torch.cumprod(1 - betas, dim=0).float()
+
+
+def masked_forward(x0, m, t, n, abar=None):
+    """x0, m, n (B, c, h, w), t (B,) -> x_t and the target eta, both (B, c, h, w)."""
+    abar = (cosine_abar() if abar is None else abar).to(x0.device)[t].view(-1, 1, 1, 1)
+    k = (1 - abar.sqrt()) / (1 - abar).sqrt()
+    x_t = m * x0 + (1 - m) * (abar.sqrt() * x0 + (1 - abar).sqrt() * n)
+    eta = (1 - m) * (n - k * x0)
+    return x_t, eta
+
+
+def sample_patch_mask(B, h, w, gen, device="cpu"):
+    """DeCo-Diff patch masks. Returns m (B, 1, h, w) with 1 = clean, and s (B, 1, h, w), 1 = shuffled patch."""
+    m, s = torch.ones(B, 1, h, w), torch.zeros(B, 1, h, w)
+    sizes = torch.multinomial(torch.tensor(PATCH_PROBS), B, replacement=True, generator=gen)
+    for b in range(B):
+        p = max(1, round(PATCH_SIZES[sizes[b]] * h / 32))           # patch side in latent cells
+        gh, gw = math.ceil(h / p), math.ceil(w / p)
+        rank = torch.rand(gh * gw, generator=gen).argsort().argsort()
+        corrupt = rank < round(float(torch.rand(1, generator=gen)) * MAX_CORRUPT * gh * gw)
+        shuffle = corrupt & (torch.rand(gh * gw, generator=gen) < float(torch.rand(1, generator=gen)) * MAX_SHUFFLE)
+        up = lambda g: g.view(gh, gw).float().repeat_interleave(p, 0).repeat_interleave(p, 1)[:h, :w]
+        m[b, 0], s[b, 0] = 1 - up(corrupt), up(shuffle)
+    return m.to(device), s.to(device)
+
+
+def sample_noise(x0, s, gen):
+    """n: Gaussian, except where s = 1, where it is the latent of the next image in the batch (shuffled patches)."""
+    n = torch.randn(x0.shape, generator=gen).to(x0.device)
+    return torch.where(s.bool().expand_as(x0), x0.roll(1, dims=0), n)
+
+
+def sample_blob_mask(fg, gen, min_r=0.08, max_r=0.25):
+    """One smooth, irregular blob per image inside the foreground fg (B, 1, h, w) bool. Returns m, 1 = clean."""
+    B, _, h, w = fg.shape
+    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    # a smooth random field that bends the blob's outline
+    noise = F.avg_pool2d(torch.randn(B, 1, h + 8, w + 8, generator=gen), 9, stride=1)  # (B, 1, h, w)
+    noise = noise / noise.flatten(1).std(dim=1).view(B, 1, 1, 1).clamp_min(1e-6)
+    m = torch.ones(B, 1, h, w)
+    for b in range(B):
+        where = fg[b, 0].cpu().nonzero()
+        where = where if len(where) else torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).view(-1, 2)
+        cy, cx = where[torch.randint(len(where), (1,), generator=gen)][0].float()
+        r = (min_r + (max_r - min_r) * torch.rand(1, generator=gen)) * min(h, w)
+        blob = ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt() / r + 0.25 * noise[b, 0] < 1
+        blob[int(cy), int(cx)] = True                              # never empty
+        inside = blob & fg[b, 0].cpu()
+        m[b, 0] = 1 - (inside if inside.any() else blob).float()
+    return m.to(fg.device)
+
+
+def synthesise(z_n, m, C, eta_pred=None, n=None):
+    """z_anom = z_n + C * (1 - m) * d, with d = eta_pred (the method) or n (the control), scaled to unit RMS
+    inside the mask, so that C is the deviation's size in units of the (standardised) latent's std.
+    Masking by (1 - m) keeps the label exact: nothing changes outside the region we call anomalous."""
+    d = eta_pred if eta_pred is not None else n
+    inside = (1 - m).expand_as(d)
+    rms = ((d * inside) ** 2).sum(dim=(1, 2, 3)) / inside.sum(dim=(1, 2, 3)).clamp_min(1)
+    return z_n + C.view(-1, 1, 1, 1) * inside * d / rms.sqrt().clamp_min(1e-6).view(-1, 1, 1, 1)
+
+
+# -----------------------------------------------------------------------------
+# eta_theta: a small time-conditioned U-Net for the latent grid
+
+def time_embedding(t, dim):
+    """Sinusoidal embedding of integer steps t (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+    a = t.float()[:, None] * freqs[None]
+    return torch.cat([a.sin(), a.cos()], dim=1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in, c_out, t_dim):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(min(8, c_in), c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.t_proj = nn.Linear(t_dim, c_out)
+        self.norm2 = nn.GroupNorm(min(8, c_out), c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.t_proj(temb)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class UNet(nn.Module):
+    """eta_theta(x_t, t): (B, c, h, w), (B,) -> (B, c, h, w). Any h, w (padded to the U-Net's stride)."""
+
+    def __init__(self, channels, width=32, mults=(1, 2, 4), blocks=1):
+        super().__init__()
+        self.width, self.stride = width, 2 ** (len(mults) - 1)
+        t_dim = 4 * width
+        self.t_mlp = nn.Sequential(nn.Linear(width, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
+        self.conv_in = nn.Conv2d(channels, width, 3, padding=1)
+        chans, c = [width], width
+        self.down = nn.ModuleList()
+        for i, mult in enumerate(mults):
+            for _ in range(blocks):
+                self.down.append(ResBlock(c, width * mult, t_dim))
+                c = width * mult
+                chans.append(c)
+            if i < len(mults) - 1:
+                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                chans.append(c)
+        self.mid = ResBlock(c, c, t_dim)
+        self.up = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(mults))):
+            for _ in range(blocks + 1):
+                self.up.append(ResBlock(c + chans.pop(), width * mult, t_dim))
+                c = width * mult
+            if i > 0:
+                self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
+        self.norm_out = nn.GroupNorm(min(8, c), c)
+        self.conv_out = nn.Conv2d(c, channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)  # start by predicting no deviation
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x, t):
+        h, w = x.shape[-2:]
+        ph, pw = -h % self.stride, -w % self.stride
+        x = F.pad(x, (0, pw, 0, ph))                       # (B, c, h', w'), divisible by the stride
+        temb = self.t_mlp(time_embedding(t, self.width))   # (B, 4 * width)
+        x = self.conv_in(x)
+        skips = [x]
+        for layer in self.down:
+            x = layer(x, temb) if isinstance(layer, ResBlock) else layer(x)
+            skips.append(x)
+        x = self.mid(x, temb)
+        for layer in self.up:
+            x = layer(torch.cat([x, skips.pop()], 1), temb) if isinstance(layer, ResBlock) else layer(x)
+        return self.conv_out(F.silu(self.norm_out(x)))[..., :h, :w]
+
+
+def build_unet(preset, channels):
+    return UNet(channels, **UNET_PRESETS[preset])

@@ -1,0 +1,61 @@
+"""
+The projection head P_theta: MedVAE latents straight into CLIP's patch-token space, one output per CLIP layer.
+
+Synthetic anomalies are made in latent space (deviation.py); instead of decoding them to pixels and running
+CLIP again, P_theta maps the latent grid (c, h, w) to the token grids (D, H, W) of the CLIP layers the detector
+reads. It is kept aligned with the real frozen CLIP tokens of the same normal views by
+
+    L_align = 1 - cos(P_theta(z_n), CLIP tokens),   averaged over tokens and layers,
+
+so that a detector trained on projected tokens also works on real CLIP tokens at test time.
+
+    import project
+    P = project.build_projection("small", latent_channels=1, token_dim=1024, token_hw=16, n_layers=3)
+    tokens = P(z)                                  # list of (B, D, H, W)
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PROJECTION_PRESETS = {"tiny": dict(width=32, depth=1), "small": dict(width=256, depth=2),
+                      "base": dict(width=512, depth=3)}
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.norm = nn.GroupNorm(min(32, c), c)
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x + self.conv2(F.gelu(self.conv1(self.norm(x))))
+
+
+class Projection(nn.Module):
+    """(B, c, h, w) latents -> list over layers of (B, D, H, W) tokens."""
+
+    def __init__(self, latent_channels, token_dim, token_hw, n_layers, width=256, depth=2):
+        super().__init__()
+        self.token_hw = token_hw
+        self.stem = nn.Conv2d(latent_channels, width, 3, padding=1)
+        self.blocks = nn.Sequential(*[ConvBlock(width) for _ in range(depth)])
+        # every CLIP layer reads its own linear head of the shared trunk
+        self.heads = nn.ModuleList(nn.Conv2d(width, token_dim, 1) for _ in range(n_layers))
+
+    def forward(self, z):
+        x = F.gelu(self.stem(z))                                   # (B, width, h, w)
+        # the latent grid is finer than the token grid (4 px vs 14-16 px cells): area-average down to it
+        x = F.adaptive_avg_pool2d(x, self.token_hw)                # (B, width, H, W)
+        x = self.blocks(x)
+        return [head(x) for head in self.heads]                    # each (B, D, H, W)
+
+
+def build_projection(preset, latent_channels, token_dim, token_hw, n_layers):
+    return Projection(latent_channels, token_dim, token_hw, n_layers, **PROJECTION_PRESETS[preset])
+
+
+def alignment_loss(projected, tokens):
+    """1 - cosine similarity per token, averaged over tokens and layers; also returns the mean cosine."""
+    cos = torch.stack([F.cosine_similarity(p, t, dim=1).mean() for p, t in zip(projected, tokens)]).mean()
+    return 1 - cos, cos.detach()

@@ -1,0 +1,40 @@
+"""Shared test fixtures: tiny random models that make every test run on a CPU in seconds."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+
+# A ViT with open_clip's real structure at toy size: 64 px, 16 px patches (4x4 tokens), 4 blocks.
+TINY_CLIP = "ViT-tiny-test"
+TINY_CLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def register_tiny_clip(folder):
+    import open_clip
+    path = os.path.join(folder, f"{TINY_CLIP}.json")
+    with open(path, "w") as f:
+        json.dump(TINY_CLIP_CFG, f)
+    open_clip.add_model_config(path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_clip_config(tmp_path_factory):
+    register_tiny_clip(str(tmp_path_factory.mktemp("clip_cfg")))
+    torch.set_num_threads(2)
+    return TINY_CLIP
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    import encode
+    return encode.load_clip(TINY_CLIP, random_init=True)

@@ -1,0 +1,284 @@
+"""
+Train a one-shot MediCLIP detector on anomalies *learned* in MedVAE latent space.
+
+    args -> device -> data (k shots x V views) -> frozen encoders (run once, then freed)
+    -> trainables: eta_theta (deviation.py), P_theta (project.py), adapters + prompts (mediclip.py)
+    -> per step:
+         x_t, eta      = masked forward of z_n (DeCo-Diff)            L_deco  = |eta_theta(x_t, t) - eta|^2
+         z_anom        = z_n + C (1 - m) eta_pred                     (or the control: latent noise)
+         maps          = MediCLIP(P(z_anom)), MediCLIP(P(z_n)), MediCLIP(CLIP tokens)   masks: 1 - m, 0, 0
+         L_det         = focal + dice                                 L_align = 1 - cos(P(z_n), CLIP tokens)
+         total         = w1 L_det + w2 L_deco + w3 L_align
+    -> save one checkpoint (atomically) and print the evaluate command.
+
+A fixed number of steps; the last checkpoint is the result. The test split is never read here.
+
+    python train.py --data brainmri --data-root ../shared/data --shots 1
+    python train.py --data synthetic --shots 1 --random-init --clip ViT-B-16 --steps 200
+"""
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import deviation
+import encode
+import mediclip
+import project
+
+FORMAT_VERSION = 1
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train MediCLIP on learned latent anomalies (one-shot).")
+    # data
+    p.add_argument("--data", default="brainmri", help="dataset name: brainmri, busi, chexpert, synthetic, or "
+                   "any folder under --data-root in the MediCLIP or MVFA layout")
+    p.add_argument("--data-root", default="data", help="folder that holds the datasets")
+    p.add_argument("--shots", type=int, default=1, help="k: number of normal training images")
+    p.add_argument("--seed", type=int, default=0, help="picks the shots and seeds everything else")
+    p.add_argument("--views", type=int, default=16, help="augmented views per shot, encoded once")
+    # model
+    p.add_argument("--clip", default="ViT-L-14", help="open_clip model name (MediCLIP: ViT-L-14 at 224 px)")
+    p.add_argument("--pretrained", default="openai", help="open_clip pretrained tag")
+    p.add_argument("--clip-weights", default=None, help="local CLIP state-dict file instead of the tag")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="CLIP blocks to read, counted from 1 "
+                   "(default: at 1/2, 3/4 and all of the depth, i.e. MediCLIP's 12 18 24 for ViT-L-14)")
+    p.add_argument("--vae", default="medvae_4_1_2d", choices=list(encode.MEDVAE_MODELS), help="MedVAE 2D model")
+    p.add_argument("--vae-weights", default=None, help="local MedVAE checkpoint instead of the hub")
+    p.add_argument("--random-init", action="store_true", help="random CLIP and MedVAE weights (smoke runs only)")
+    p.add_argument("--unet", default="small", choices=list(deviation.UNET_PRESETS), help="eta_theta size")
+    p.add_argument("--projection", default="small", choices=list(project.PROJECTION_PRESETS), help="P_theta size")
+    p.add_argument("--synth", default="deviation", choices=["deviation", "latent-noise"],
+                   help="deviation: z_n + C eta_theta (the method); latent-noise: z_n + C n (the control)")
+    p.add_argument("--synth-mask", default="blobs", choices=["blobs", "patches"],
+                   help="anomaly regions: smooth blobs inside the foreground, or DeCo-Diff patches")
+    p.add_argument("--C", type=float, nargs=2, default=[1.0, 3.0], metavar=("LO", "HI"),
+                   help="deviation size in latent stds, drawn uniformly from [LO, HI]")
+    p.add_argument("--eta-warmup", type=int, default=100, help="steps eta_theta trains alone before it synthesises")
+    p.add_argument("--det-trains-eta", action="store_true", help="let the detection loss train eta_theta too")
+    # optim
+    p.add_argument("--steps", type=int, default=500, help="training steps (fixed; the last checkpoint is kept)")
+    p.add_argument("--batch-size", type=int, default=8, help="views per step (MediCLIP: 8)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (MediCLIP: 1e-3, betas 0.5, 0.999)")
+    p.add_argument("--w1", type=float, default=1.0, help="weight of L_det (focal + dice)")
+    p.add_argument("--w2", type=float, default=1.0, help="weight of L_deco (deviation MSE)")
+    p.add_argument("--w3", type=float, default=1.0, help="weight of L_align (1 - cos)")
+    # run
+    p.add_argument("--out", default=None, help="run folder (default runs/<data>-k<shots>-s<seed>)")
+    p.add_argument("--log-every", type=int, default=10, help="log every loss term every N steps")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    return p.parse_args(argv)
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
+def frozen_autocast(device):
+    """bf16 autocast for the frozen forwards on CUDA; full precision elsewhere."""
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def resolve_layers(layers, depth):
+    return list(layers) if layers else [depth // 2, 3 * depth // 4, depth]
+
+
+def foreground(views, hw, frac=0.1):
+    """Where the anatomy is, on the latent grid: pixels brighter than frac of the image's max."""
+    g = F.adaptive_avg_pool2d(views.mean(1, keepdim=True), hw)     # (N, 1, h, w)
+    return g > frac * g.flatten(1).amax(1).view(-1, 1, 1, 1)
+
+
+def build_trainables(config, clip):
+    """eta_theta, P_theta and MediCLIP from a config dict (also used by evaluate.py to rebuild them)."""
+    eta = deviation.build_unet(config["unet"], config["latent_channels"])
+    proj = project.build_projection(config["projection"], config["latent_channels"], config["token_dim"],
+                                    config["token_hw"], len(config["layers"]))
+    det = mediclip.build_mediclip(clip, len(config["layers"]))
+    return eta, proj, det
+
+
+def code_version():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "-C", here, "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def save_checkpoint(ckpt, path):
+    """torch.save to a temporary file, then rename: a run killed while saving never leaves a corrupt file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def check_finite(step, terms):
+    for name, value in terms.items():
+        if not math.isfinite(value):
+            raise FloatingPointError(f"step {step}: loss term {name} is {value}; the run stopped and no "
+                                     f"checkpoint was written for it (try a lower --lr)")
+
+
+def main(args):
+    t0 = time.time()
+    # ---- device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    autocast = frozen_autocast(device)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)  # every random draw of the loop, on the CPU: reproducible
+    out = args.out or os.path.join("runs", f"{os.path.basename(args.data.rstrip('/'))}-k{args.shots}-s{args.seed}")
+    os.makedirs(out, exist_ok=True)
+
+    # ---- data: k normal shots, V augmented views each (the test split is never read)
+    pool = data.load_split(args.data, args.data_root, "train", seed=args.seed)
+    shots = data.sample_shots(pool, args.shots, args.seed)
+
+    # ---- frozen encoders, run once over all views, then freed
+    clip = encode.load_clip(args.clip, args.pretrained, args.clip_weights, args.random_init).to(device)
+    image_size = clip.visual.image_size if isinstance(clip.visual.image_size, int) else clip.visual.image_size[0]
+    layers = resolve_layers(args.layers, len(clip.visual.transformer.resblocks))
+    vae = encode.load_medvae(args.vae, args.vae_weights, args.random_init).to(device)
+    images, _ = data.load_images(shots, image_size)                        # (k, 3, S, S)
+    views = data.augment_views(images, args.views, args.seed)              # (k V, 3, S, S)
+    tokens_model = encode.CLIPTokens(clip, layers)
+    real = [t.clone() for t in encode.encode_tokens(tokens_model, views.to(device), clip, autocast=autocast)]
+    z = encode.encode_latents(vae, views.to(device), autocast=autocast).clone()  # (k V, c, h, w)
+    text_tower = encode.TextTower(clip)
+    del vae, tokens_model  # the loop never runs the frozen image encoders
+    encode_s = time.time() - t0
+
+    # standardise the latents per channel with statistics of the training views
+    z_mean, z_std = z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    z_n = (z - z_mean.view(1, -1, 1, 1)) / z_std.view(1, -1, 1, 1)
+    fg = foreground(views, z.shape[-2:]).to(device)
+    # hold out the last view(s) of every shot: the alignment cosine is reported on them
+    n_hold = max(1, args.views // 8) if args.views > 1 else 0
+    is_held = (torch.arange(len(views)) % args.views) >= args.views - n_hold
+    train_idx, held_idx = (~is_held).nonzero().squeeze(1), is_held.nonzero().squeeze(1)
+
+    # ---- trainables
+    config = {k: v for k, v in vars(args).items()}
+    config.update(layers=layers, image_size=image_size, token_dim=real[0].shape[1], token_hw=real[0].shape[-1],
+                  latent_channels=z.shape[1], latent_hw=z.shape[-1], n_views=len(views), held_out_views=len(held_idx))
+    eta, proj, det = (m.to(device) for m in build_trainables(config, clip))
+    del clip.visual  # adapters are initialised from it; from here on only the text tower is needed
+    opt = torch.optim.Adam([*eta.parameters(), *proj.parameters(), *det.parameters()],
+                           lr=args.lr, betas=(0.5, 0.999))
+    abar = deviation.cosine_abar().to(device)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+
+    # ---- loop
+    log = open(os.path.join(out, "log.csv"), "w", newline="")
+    writer = first = None
+    B, S = args.batch_size, image_size
+    for step in (bar := tqdm(range(1, args.steps + 1), desc="train", dynamic_ncols=True)):
+        idx = train_idx[torch.randint(len(train_idx), (B,), generator=gen)]
+        z0, tok, fg_b = z_n[idx], [t[idx] for t in real], fg[idx]
+        h, w = z0.shape[-2:]
+
+        # 1. DeCo-Diff masked forward process: eta_theta learns to predict the deviation
+        m, s = deviation.sample_patch_mask(B, h, w, gen, device)
+        t = torch.randint(deviation.T, (B,), generator=gen).to(device)
+        x_t, eta_target = deviation.masked_forward(z0, m, t, deviation.sample_noise(z0, s, gen), abar)
+        loss_deco = F.mse_loss(eta(x_t, t), eta_target)
+
+        # 2. synthesis: z_anom = z_n + C (1 - m_s) eta_pred, label = 1 - m_s
+        warm = args.synth == "deviation" and step <= args.eta_warmup
+        C = (args.C[0] + (args.C[1] - args.C[0]) * torch.rand(B, generator=gen)).to(device)
+        if args.synth_mask == "blobs":
+            m_s = deviation.sample_blob_mask(fg_b, gen)
+        else:
+            m_s = deviation.sample_patch_mask(B, h, w, gen, device)[0]
+        n_s = torch.randn(z0.shape, generator=gen).to(device)
+        if args.synth == "deviation":
+            t_s = torch.randint(deviation.T, (B,), generator=gen).to(device)
+            x_s, _ = deviation.masked_forward(z0, m_s, t_s, n_s, abar)
+            # by default the detector cannot reward eta_theta: a generator trained against the detector
+            # learns to make the anomalies that are easiest to detect, not plausible ones
+            with contextlib.nullcontext() if args.det_trains_eta else torch.no_grad():
+                eta_pred = eta(x_s, t_s)
+            z_anom = deviation.synthesise(z0, m_s, C, eta_pred=eta_pred)
+        else:
+            z_anom = deviation.synthesise(z0, m_s, C, n=n_s)
+        label = F.interpolate(1 - m_s, size=(S, S), mode="nearest")          # (B, 1, S, S)
+
+        # 3. project into CLIP token space; keep P aligned with the real tokens of the same views
+        projected = proj(torch.cat([z_anom, z0]))                             # list of (2B, D, H, W)
+        loss_align, cos = project.alignment_loss([p[B:] for p in projected], tok)
+
+        # 4. detect: synthetic anomalies, projected normals and real CLIP normals
+        if warm:
+            loss_det = torch.zeros((), device=device)
+        else:
+            text = det.text_features(text_tower)                              # (E, 2)
+            maps = det([torch.cat([p, r]) for p, r in zip(projected, tok)], text, S)   # (3B, 2, S, S)
+            masks = torch.cat([label, torch.zeros(2 * B, 1, S, S, device=device)])
+            loss_det = mediclip.focal_loss(maps, masks) + mediclip.dice_loss(maps, masks)
+
+        loss = args.w1 * loss_det + args.w2 * loss_deco + args.w3 * loss_align
+        terms = dict(total=loss.item(), det=loss_det.item(), deco=loss_deco.item(), align=loss_align.item())
+        check_finite(step, terms)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+        if step % args.log_every == 0 or step == args.steps:
+            with torch.no_grad():
+                held_cos = project.alignment_loss(proj(z_n[held_idx]), [r[held_idx] for r in real])[1].item() \
+                    if len(held_idx) else float("nan")
+            row = dict(step=step, **terms, align_cos=cos.item(), held_align_cos=held_cos, warmup=int(warm))
+            if writer is None:
+                writer = csv.DictWriter(log, fieldnames=list(row))
+                writer.writeheader()
+            writer.writerow(row)
+            log.flush()
+            bar.set_postfix(det=f"{terms['det']:.3f}", deco=f"{terms['deco']:.3f}", cos=f"{held_cos:.3f}")
+            first = first or row
+    log.close()
+
+    # ---- save
+    ckpt = {
+        "format_version": FORMAT_VERSION,
+        "config": config,
+        "shots": [r["name"] for r in shots],
+        "seed": args.seed,
+        "latent_mean": z_mean.cpu().tolist(), "latent_std": z_std.cpu().tolist(),
+        "state_dicts": {"eta": eta.state_dict(), "projection": proj.state_dict(), "mediclip": det.state_dict()},
+        "stats": {"first": first, "last": row, "encode_s": encode_s, "train_s": time.time() - t0 - encode_s},
+        "code_version": code_version(),
+    }
+    path = os.path.join(out, "run.pt")
+    save_checkpoint(ckpt, path)
+    print(f"first log row: {first}\nlast log row:  {row}")
+    print(f"saved {path} ({time.time() - t0:.0f} s)\nnext: python evaluate.py --ckpt {path}")
+    return path
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (data.DataError, encode.WeightsUnavailable, ValueError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
