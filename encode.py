@@ -19,6 +19,7 @@ torch.inference_mode (callers that feed the outputs to trainable modules clone t
     feats = encode.encode_tokens(tokens, images)          # list of (B, D, H, W)
 """
 import contextlib
+import io
 import os
 import socket
 from urllib.parse import urlparse
@@ -110,7 +111,10 @@ def load_state_file(path, flag):
 
 
 def load_strict(model, sd, path):
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise WeightsUnavailable(f"{path}: does not fit this architecture ({str(e).splitlines()[-1].strip()[:160]})")
     if missing or unexpected:
         raise WeightsUnavailable(f"{path}: does not fit this architecture "
                                  f"({len(missing)} missing keys e.g. {missing[:2]}, "
@@ -267,11 +271,13 @@ def load_medvae(name="medvae_4_1_2d", weights=None, random_init=False):
     """A frozen MedVAE 2D autoencoder: from the hub (cache first), a local checkpoint, or random weights."""
     if name not in MEDVAE_MODELS:
         raise ValueError(f"unknown MedVAE model {name!r}; valid: {', '.join(MEDVAE_MODELS)}")
+    quiet = contextlib.redirect_stdout(io.StringIO())  # the package prints its architecture while building
     if random_init:
-        with fixed_seed():
+        with fixed_seed(), quiet:
             model = build_medvae_random(name)
     elif weights:
-        model = build_medvae_random(name)
+        with quiet:
+            model = build_medvae_random(name)
         load_strict(model, load_state_file(weights, "--vae-weights"), weights)
     else:
         from medvae.utils.factory import FILE_DICT_ASSOCIATIONS, build_model
@@ -280,7 +286,8 @@ def load_medvae(name="medvae_4_1_2d", weights=None, random_init=False):
         files = FILE_DICT_ASSOCIATIONS[name]
         config = hub_file(MEDVAE_REPO, files["config"], "--vae-weights")
         ckpt = hub_file(MEDVAE_REPO, files["ckpt"], "--vae-weights")
-        model = build_model(name, config, ckpt)  # the package's own build path
+        with quiet:
+            model = build_model(name, config, ckpt)  # the package's own build path
     return freeze(model)
 
 

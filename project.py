@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-PROJECTION_PRESETS = {"tiny": dict(width=32, depth=1), "small": dict(width=256, depth=2),
-                      "base": dict(width=512, depth=3)}
+PROJECTION_PRESETS = {"tiny": dict(width=32, depth=1), "small": dict(width=128, depth=2),
+                      "base": dict(width=256, depth=3)}
 
 
 class ConvBlock(nn.Module):

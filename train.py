@@ -65,10 +65,10 @@ def parse_args(argv=None):
                    help="anomaly regions: smooth blobs inside the foreground, or DeCo-Diff patches")
     p.add_argument("--C", type=float, nargs=2, default=[1.0, 3.0], metavar=("LO", "HI"),
                    help="deviation size in latent stds, drawn uniformly from [LO, HI]")
-    p.add_argument("--eta-warmup", type=int, default=100, help="steps eta_theta trains alone before it synthesises")
+    p.add_argument("--eta-warmup", type=int, default=50, help="steps eta_theta trains alone before it synthesises")
     p.add_argument("--det-trains-eta", action="store_true", help="let the detection loss train eta_theta too")
     # optim
-    p.add_argument("--steps", type=int, default=500, help="training steps (fixed; the last checkpoint is kept)")
+    p.add_argument("--steps", type=int, default=300, help="training steps (fixed; the last checkpoint is kept)")
     p.add_argument("--batch-size", type=int, default=8, help="views per step (MediCLIP: 8)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (MediCLIP: 1e-3, betas 0.5, 0.999)")
     p.add_argument("--w1", type=float, default=1.0, help="weight of L_det (focal + dice)")

@@ -1,0 +1,90 @@
+"""The masked forward process, the masks, eta_theta and one-step synthesis."""
+import torch
+
+import deviation
+
+
+def naive_masked_forward(x0, m, t, n, abar):
+    """Element by element, straight from the equations in deviation.py's docstring."""
+    x_t, eta = torch.empty_like(x0), torch.empty_like(x0)
+    for idx in torch.cartesian_prod(*[torch.arange(s) for s in x0.shape]):
+        b, c, i, j = idx.tolist()
+        a = abar[t[b]].item()
+        x, mm, nn_ = x0[b, c, i, j].item(), m[b, 0, i, j].item(), n[b, c, i, j].item()
+        x_t[b, c, i, j] = mm * x + (1 - mm) * (a ** 0.5 * x + (1 - a) ** 0.5 * nn_)
+        eta[b, c, i, j] = (1 - mm) * (nn_ - (1 - a ** 0.5) / (1 - a) ** 0.5 * x)
+    return x_t, eta
+
+
+def test_masked_forward_matches_naive_reference_and_identity():
+    g = torch.Generator().manual_seed(0)
+    x0, n = torch.randn(3, 2, 5, 6, generator=g), torch.randn(3, 2, 5, 6, generator=g)
+    m = (torch.rand(3, 1, 5, 6, generator=g) > 0.5).float()
+    t = torch.tensor([0, 4, 9])
+    abar = deviation.cosine_abar()
+    x_t, eta = deviation.masked_forward(x0, m, t, n, abar)
+    ref_x, ref_eta = naive_masked_forward(x0, m, t, n, abar)
+    torch.testing.assert_close(x_t, ref_x)
+    torch.testing.assert_close(eta, ref_eta)
+    # x_t - x0 = sqrt(1 - abar_t) * eta, and the clean context is untouched
+    torch.testing.assert_close(x_t - x0, (1 - abar[t]).sqrt().view(-1, 1, 1, 1) * eta)
+    assert torch.equal(x_t[m.expand_as(x_t) == 1], x0[m.expand_as(x0) == 1])
+
+
+def test_cosine_schedule():
+    abar = deviation.cosine_abar()
+    assert abar.shape == (deviation.T,) and (abar[1:] < abar[:-1]).all() and abar[0] < 1 and abar[-1] > 0
+
+
+def test_patch_masks_fractions_and_shuffle_inside_corruption():
+    g = torch.Generator().manual_seed(0)
+    m, s = deviation.sample_patch_mask(64, 56, 56, g)
+    corrupted = 1 - m.mean(dim=(1, 2, 3))
+    assert m.shape == (64, 1, 56, 56) and set(m.unique().tolist()) <= {0.0, 1.0}
+    assert corrupted.max() <= deviation.MAX_CORRUPT + 0.05 and corrupted.std() > 0.05
+    assert (s * m).sum() == 0                        # shuffled patches are always corrupted ones
+    n = deviation.sample_noise(torch.randn(64, 1, 56, 56), s, g)
+    assert n.shape == (64, 1, 56, 56)
+
+
+def test_blob_masks_stay_in_the_foreground():
+    g = torch.Generator().manual_seed(1)
+    fg = torch.zeros(8, 1, 32, 32, dtype=torch.bool)
+    fg[:, :, 8:24, 6:26] = True
+    m = deviation.sample_blob_mask(fg, g)
+    blob = m == 0
+    assert blob.flatten(1).any(1).all() and not (blob & ~fg).any()
+
+
+def test_synthesis_changes_only_the_masked_region_by_C_stds():
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(4, 1, 16, 16, generator=g)
+    m = torch.ones(4, 1, 16, 16)
+    m[:, :, 4:10, 4:10] = 0
+    C = torch.tensor([1.0, 2.0, 3.0, 0.5])
+    for kw in (dict(eta_pred=torch.randn(4, 1, 16, 16, generator=g)), dict(n=torch.randn(4, 1, 16, 16, generator=g))):
+        d = deviation.synthesise(z, m, C, **kw) - z
+        assert (d[m.expand_as(d) == 1] == 0).all()
+        rms = d[:, :, 4:10, 4:10].pow(2).mean(dim=(1, 2, 3)).sqrt()
+        torch.testing.assert_close(rms, C)
+
+
+def test_unet_shapes_and_fits_a_tiny_problem():
+    torch.manual_seed(0)
+    net = deviation.build_unet("tiny", channels=2)
+    assert net(torch.randn(3, 2, 15, 17), torch.tensor([0, 3, 9])).shape == (3, 2, 15, 17)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 2, 8, 8, generator=g)
+    m, s = deviation.sample_patch_mask(4, 8, 8, g)
+    m[:, :, :4] = 0                                   # make sure every image has a deviation to find
+    t = torch.tensor([2, 4, 6, 8])
+    x_t, eta = deviation.masked_forward(x0, m, t, torch.randn(4, 2, 8, 8, generator=g))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(120):
+        loss = torch.nn.functional.mse_loss(net(x_t, t), eta)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10

@@ -1,0 +1,66 @@
+"""MediCLIP parts: zero-shot initialisation, map shapes, losses against hand-computed values."""
+import torch
+import torch.nn.functional as F
+
+import encode
+import mediclip
+import project
+
+
+def test_untrained_adapters_are_clips_own_head(tiny_clip):
+    det = mediclip.build_mediclip(tiny_clip, n_layers=2)
+    tok = torch.randn(2, 64, 4, 4)
+    v = tiny_clip.visual
+    ref = F.normalize(v.ln_post(tok.permute(0, 2, 3, 1)) @ v.proj, dim=-1)
+    torch.testing.assert_close(det.adapters[1](tok), ref)
+
+
+def test_map_shapes_and_probabilities(tiny_clip):
+    det = mediclip.build_mediclip(tiny_clip, n_layers=3)
+    text = det.text_features(encode.TextTower(tiny_clip))
+    assert text.shape == (32, 2)
+    torch.testing.assert_close(text.norm(dim=0), torch.ones(2))
+    probs = det([torch.randn(2, 64, 4, 4) for _ in range(3)], text, 64)
+    assert probs.shape == (2, 2, 64, 64)
+    torch.testing.assert_close(probs.sum(1), torch.ones(2, 64, 64))
+    assert mediclip.image_scores(probs).shape == (2,)
+    top1 = mediclip.image_scores(probs, topk=1)
+    torch.testing.assert_close(top1, mediclip.image_scores(probs))
+
+
+def test_only_learnable_parts_are_saved(tiny_clip):
+    keys = mediclip.build_mediclip(tiny_clip, n_layers=2).state_dict().keys()
+    assert set(keys) == {"prompts.ctx_normal", "prompts.ctx_abnormal", "adapters.0.ln.weight", "adapters.0.ln.bias",
+                         "adapters.0.proj.weight", "adapters.1.ln.weight", "adapters.1.ln.bias",
+                         "adapters.1.proj.weight"}
+
+
+def test_focal_and_dice_hand_computed():
+    probs = torch.tensor([0.2, 0.8, 0.6, 0.4]).view(1, 1, 2, 2)
+    probs = torch.cat([1 - probs, probs], dim=1)               # (1, 2, 2, 2)
+    mask = torch.tensor([0.0, 1.0, 0.0, 1.0]).view(1, 1, 2, 2)
+    s = 1e-5
+    # pt = probability of the true class (+ smoothing of the one-hot, as MediCLIP)
+    pt = torch.tensor([0.8, 0.8, 0.4, 0.4]) * (1 - s) + torch.tensor([0.2, 0.2, 0.6, 0.6]) * s + s
+    ref_focal = (-(1 - pt) ** 2 * pt.log()).mean()
+    torch.testing.assert_close(mediclip.focal_loss(probs, mask), ref_focal)
+    ref_dice = 1 - (2 * (0.8 + 0.4) + 1) / (2.0 + 2 + 1)
+    torch.testing.assert_close(mediclip.dice_loss(probs, mask), torch.tensor(ref_dice))
+
+
+def test_alignment_improves_under_training():
+    torch.manual_seed(0)
+    P = project.build_projection("tiny", latent_channels=1, token_dim=24, token_hw=4, n_layers=2)
+    z = torch.randn(8, 1, 16, 16)
+    target_map = torch.nn.Conv2d(1, 24, 4, stride=4)          # a fixed "CLIP" that the projection must learn
+    with torch.no_grad():
+        tokens = [target_map(z), target_map(z).roll(1, dims=1)]
+    opt = torch.optim.Adam(P.parameters(), lr=3e-3)
+    cos0 = project.alignment_loss(P(z), tokens)[1]
+    for _ in range(150):
+        loss, cos = project.alignment_loss(P(z), tokens)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert [t.shape for t in P(z)] == [(8, 24, 4, 4)] * 2
+    assert cos > cos0 + 0.3 and cos > 0.8

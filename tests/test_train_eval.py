@@ -1,0 +1,101 @@
+"""End to end: train.py then evaluate.py on the synthetic set with tiny models; determinism; checkpoints."""
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import train
+from conftest import TINY_CLIP
+
+TINY = ["--data", "synthetic", "--shots", "1", "--random-init", "--clip", TINY_CLIP, "--vae", "medvae_tiny_2d",
+        "--unet", "tiny", "--projection", "tiny", "--views", "4", "--batch-size", "4", "--steps", "12",
+        "--eta-warmup", "4", "--log-every", "4"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    path = train.main(train.parse_args(TINY + ["--out", str(out)]))
+    return path
+
+
+def test_train_writes_a_safe_checkpoint_and_a_log(run):
+    ckpt = torch.load(run, weights_only=True)
+    assert ckpt["format_version"] == train.FORMAT_VERSION and ckpt["shots"] == ["train/normal_13"]
+    assert set(ckpt["state_dicts"]) == {"eta", "projection", "mediclip"}
+    assert ckpt["config"]["layers"] == [2, 3, 4] and len(ckpt["latent_std"]) == 1
+    folder = os.path.dirname(run)
+    rows = open(os.path.join(folder, "log.csv")).read().splitlines()
+    assert rows[0].startswith("step,total,det,deco,align") and len(rows) == 1 + 3
+    assert json.load(open(os.path.join(folder, "config.json")))["clip"] == TINY_CLIP
+    assert not [f for f in os.listdir(folder) if ".tmp" in f]
+
+
+def test_evaluate_rebuilds_from_the_checkpoint(run, tmp_path):
+    m = evaluate.main(evaluate.parse_args(["--ckpt", run, "--out", str(tmp_path), "--overlays", "2"]))
+    assert 0 <= m["image"]["auroc"] <= 1 and 0 <= m["pixel"]["aupro"] <= 1
+    assert set(m["per_class"]) == {"hyper", "hypo"}
+    assert m["conditions"]["shot_files"] == ["train/normal_13"] and m["conditions"]["random_init"]
+    assert "warning" in m
+    files = os.listdir(tmp_path)
+    assert "metrics.json" in files and "scores.csv" in files and sum(f.endswith(".png") for f in files) == 2
+    assert len(open(tmp_path / "scores.csv").read().splitlines()) == 1 + 24
+
+
+def test_zero_shot_and_own_images(tmp_path):
+    m = evaluate.main(evaluate.parse_args(["--zero-shot", "--random-init", "--clip", TINY_CLIP, "--data", "synthetic",
+                                           "--out", str(tmp_path / "zs"), "--overlays", "1"]))
+    assert m["conditions"]["shots"] == 0 and m["pixel"] is not None
+    from PIL import Image
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((40, 40), 60 * i, np.uint8)).save(tmp_path / "imgs" / "sub" / f"{i}.png")
+    assert evaluate.main(evaluate.parse_args(["--zero-shot", "--random-init", "--clip", TINY_CLIP, "--images",
+                                              str(tmp_path / "imgs"), "--out", str(tmp_path / "own")])) is None
+    assert len(open(tmp_path / "own" / "scores.csv").read().splitlines()) == 4
+
+
+def test_same_command_twice_gives_identical_checkpoints_and_metrics(run, tmp_path):
+    again = train.main(train.parse_args(TINY + ["--out", str(tmp_path)]))
+    a, b = torch.load(run, weights_only=True), torch.load(again, weights_only=True)
+    for part in a["state_dicts"]:
+        for k, v in a["state_dicts"][part].items():
+            assert torch.equal(v, b["state_dicts"][part][k]), (part, k)
+    m1 = evaluate.main(evaluate.parse_args(["--ckpt", run, "--out", str(tmp_path / "e1"), "--overlays", "0"]))
+    m2 = evaluate.main(evaluate.parse_args(["--ckpt", again, "--out", str(tmp_path / "e2"), "--overlays", "0"]))
+    strip = lambda m: {k: v for k, v in m.items() if k != "conditions"}
+    assert strip(m1) == strip(m2)
+
+
+def test_latent_noise_control_and_patch_masks_train(tmp_path):
+    path = train.main(train.parse_args(TINY + ["--synth", "latent-noise", "--synth-mask", "patches", "--out",
+                                               str(tmp_path)]))
+    assert torch.load(path, weights_only=True)["config"]["synth"] == "latent-noise"
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "not_torch", "pickled", "newer", "other_backbone"])
+def test_bad_checkpoints_are_refused_clearly(run, tmp_path, case):
+    path = tmp_path / "bad.pt"
+    args = ["--ckpt", str(path)]
+    if case == "truncated":
+        path.write_bytes(open(run, "rb").read()[:1000])
+    elif case == "not_torch":
+        path.write_text("hello")
+    elif case == "pickled":
+        with open(path, "wb") as f:     # a checkpoint that would run code if unpickled
+            pickle.dump({"format_version": 1, "state_dicts": {}, "x": os.system}, f)
+    elif case == "newer":
+        ckpt = torch.load(run, weights_only=True)
+        ckpt["format_version"] = train.FORMAT_VERSION + 1
+        torch.save(ckpt, path)
+    elif case == "other_backbone":
+        path = run
+        args = ["--ckpt", str(path), "--clip", "ViT-B-16"]
+    with pytest.raises(evaluate.CheckpointError) as e:
+        evaluate.main(evaluate.parse_args(args + ["--out", str(tmp_path)]))
+    assert str(path) in str(e.value)
+    assert not (tmp_path / "metrics.json").exists()
