@@ -179,7 +179,7 @@ def main(args):
     train_idx, held_idx = (~is_held).nonzero().squeeze(1), is_held.nonzero().squeeze(1)
 
     # ---- trainables
-    config = {k: v for k, v in vars(args).items()}
+    config = dict(vars(args))
     config.update(layers=layers, image_size=image_size, token_dim=real[0].shape[1], token_hw=real[0].shape[-1],
                   latent_channels=z.shape[1], latent_hw=z.shape[-1], n_views=len(views), held_out_views=len(held_idx))
     eta, proj, det = (m.to(device) for m in build_trainables(config, clip))
@@ -239,7 +239,7 @@ def main(args):
             loss_det = mediclip.focal_loss(maps, masks) + mediclip.dice_loss(maps, masks)
 
         loss = args.w1 * loss_det + args.w2 * loss_deco + args.w3 * loss_align
-        terms = dict(total=loss.item(), det=loss_det.item(), deco=loss_deco.item(), align=loss_align.item())
+        terms = dict(det=loss_det.item(), deco=loss_deco.item(), align=loss_align.item(), total=loss.item())
         check_finite(step, terms)
         opt.zero_grad(set_to_none=True)
         loss.backward()
