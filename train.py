@@ -245,7 +245,7 @@ def main(args):
         loss.backward()
         opt.step()
 
-        if step % args.log_every == 0 or step == args.steps:
+        if step % args.log_every == 0 or step in (1, args.steps):
             with torch.no_grad():
                 held_cos = project.alignment_loss(proj(z_n[held_idx]), [r[held_idx] for r in real])[1].item() \
                     if len(held_idx) else float("nan")
