@@ -77,7 +77,8 @@ def test_latent_noise_control_and_patch_masks_train(tmp_path):
     assert torch.load(path, weights_only=True)["config"]["synth"] == "latent-noise"
 
 
-@pytest.mark.parametrize("case", ["missing", "truncated", "not_torch", "pickled", "newer", "other_backbone"])
+@pytest.mark.parametrize("case", ["missing", "truncated", "not_torch", "pickled", "newer", "other_backbone",
+                                  "other_layers"])
 def test_bad_checkpoints_are_refused_clearly(run, tmp_path, case):
     path = tmp_path / "bad.pt"
     args = ["--ckpt", str(path)]
@@ -95,7 +96,22 @@ def test_bad_checkpoints_are_refused_clearly(run, tmp_path, case):
     elif case == "other_backbone":
         path = run
         args = ["--ckpt", str(path), "--clip", "ViT-B-16"]
+    elif case == "other_layers":
+        path = run
+        args = ["--ckpt", str(path), "--layers", "1", "2"]
     with pytest.raises(evaluate.CheckpointError) as e:
         evaluate.main(evaluate.parse_args(args + ["--out", str(tmp_path)]))
     assert str(path) in str(e.value)
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(run, tmp_path, monkeypatch):
+    path = tmp_path / "run.pt"
+    path.write_bytes(open(run, "rb").read())
+    def dies_midway(obj, f):
+        open(f, "wb").write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint({"format_version": 1}, str(path))
+    assert path.read_bytes() == open(run, "rb").read()
