@@ -128,8 +128,12 @@ def code_version():
 def save_checkpoint(ckpt, path):
     """torch.save to a temporary file, then rename: a run killed while saving never leaves a corrupt file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def check_finite(step, terms):

@@ -114,4 +114,4 @@ def test_interrupted_save_keeps_the_previous_checkpoint(run, tmp_path, monkeypat
     monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         train.save_checkpoint({"format_version": 1}, str(path))
-    assert path.read_bytes() == open(run, "rb").read()
+    assert path.read_bytes() == open(run, "rb").read() and os.listdir(tmp_path) == ["run.pt"]
