@@ -301,7 +301,7 @@ def medvae_normalise(x, in_channels):
 
 
 @torch.inference_mode()
-def encode_latents(vae, images, batch_size=16, autocast=contextlib.nullcontext):
+def encode_latents(vae, images, batch_size=4, autocast=contextlib.nullcontext):
     """images (N, 3, S, S) in [0, 1] -> stage-1 posterior mode z (N, c, S/f, S/f) float32, batched."""
     in_channels = vae.encoder.conv_in.in_channels
     outs = []

@@ -235,15 +235,16 @@ def main(args):
 
         # 4. detect: synthetic anomalies, projected normals and real CLIP normals
         if warm:
-            loss_det = torch.zeros((), device=device)
+            loss_focal = loss_dice = torch.zeros((), device=device)
         else:
             text = det.text_features(text_tower)                              # (E, 2)
             maps = det([torch.cat([p, r]) for p, r in zip(projected, tok)], text, S)   # (3B, 2, S, S)
             masks = torch.cat([label, torch.zeros(2 * B, 1, S, S, device=device)])
-            loss_det = mediclip.focal_loss(maps, masks) + mediclip.dice_loss(maps, masks)
+            loss_focal, loss_dice = mediclip.focal_loss(maps, masks), mediclip.dice_loss(maps, masks)
 
-        loss = args.w1 * loss_det + args.w2 * loss_deco + args.w3 * loss_align
-        terms = dict(det=loss_det.item(), deco=loss_deco.item(), align=loss_align.item(), total=loss.item())
+        loss = args.w1 * (loss_focal + loss_dice) + args.w2 * loss_deco + args.w3 * loss_align
+        terms = dict(focal=loss_focal.item(), dice=loss_dice.item(), deco=loss_deco.item(), align=loss_align.item(),
+                     total=loss.item())
         check_finite(step, terms)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -259,7 +260,8 @@ def main(args):
                 writer.writeheader()
             writer.writerow(row)
             log.flush()
-            bar.set_postfix(det=f"{terms['det']:.3f}", deco=f"{terms['deco']:.3f}", cos=f"{held_cos:.3f}")
+            bar.set_postfix(det=f"{terms['focal'] + terms['dice']:.3f}", deco=f"{terms['deco']:.3f}",
+                            cos=f"{held_cos:.3f}")
             first = first or row
     log.close()
 

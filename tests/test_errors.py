@@ -33,7 +33,7 @@ def test_cli_errors_are_one_line_without_traceback(argv, needle):
 
 def test_nan_loss_stops_with_step_and_term(monkeypatch, tmp_path):
     monkeypatch.setattr(mediclip, "dice_loss", lambda p, m: torch.tensor(float("nan")))
-    with pytest.raises(FloatingPointError, match=r"step 5: loss term det"):
+    with pytest.raises(FloatingPointError, match=r"step 5: loss term dice"):
         train.main(train.parse_args(TINY + ["--out", str(tmp_path)]))
     assert not (tmp_path / "run.pt").exists()
 

@@ -30,7 +30,7 @@ def test_train_writes_a_safe_checkpoint_and_a_log(run):
     assert ckpt["config"]["layers"] == [2, 3, 4] and len(ckpt["latent_std"]) == 1
     folder = os.path.dirname(run)
     rows = open(os.path.join(folder, "log.csv")).read().splitlines()
-    assert rows[0].startswith("step,det,deco,align,total") and len(rows) == 1 + 4
+    assert rows[0].startswith("step,focal,dice,deco,align,total") and len(rows) == 1 + 4
     assert json.load(open(os.path.join(folder, "config.json")))["clip"] == TINY_CLIP
     assert not [f for f in os.listdir(folder) if ".tmp" in f]
 
