@@ -135,7 +135,8 @@ def predict(records, clip, det, layers, args, device):
 
 
 def aupro(maps, masks, max_fpr=0.3):
-    """Area under the per-region-overlap curve up to max_fpr, normalised to [0, 1] (Bergmann et al. 2021).
+    """Area under the per-region-overlap curve up to max_fpr, normalised to [0, 1] (Bergmann et al. 2021),
+    for probability maps >= 0 (compared at float16 precision, as they are stored).
     Exact and O(N log N): after sorting pixels by score, the mean overlap over R regions at each threshold is
     the running sum of 1 / (R * |region|) over the anomalous pixels seen so far."""
     from scipy.ndimage import label
@@ -146,8 +147,9 @@ def aupro(maps, masks, max_fpr=0.3):
         n += k
     if n == 0:
         return float("nan")
-    order = np.argsort(-maps.ravel().astype(np.float32), kind="stable")
-    s, reg = maps.ravel()[order].astype(np.float32), regions.ravel()[order]
+    codes = maps.astype(np.float16).view(np.uint16).ravel()      # scores >= 0: bit order is score order
+    order = np.argsort(codes, kind="stable")[::-1]                 # 16-bit keys: numpy uses a radix sort
+    s, reg = codes[order], regions.ravel()[order]
     size = np.bincount(reg, minlength=n + 1)
     fpr = np.cumsum(reg == 0) / size[0]
     pro = np.cumsum(np.where(reg > 0, 1.0 / (n * size[reg]), 0.0))
@@ -163,9 +165,21 @@ def image_metrics(scores, labels):
                 n=int(len(labels)), n_anomalous=int(labels.sum()))
 
 
+def count_pixels(maps, masks):
+    """Maps are float16, so there are at most 65536 distinct scores: count (score, label) pairs once and hand
+    sklearn the weighted points. Exact (ties are grouped by score either way) and ~100x faster on 37M pixels."""
+    codes = maps.astype(np.float16).view(np.uint16).ravel()
+    pos = np.bincount(codes[masks.ravel()], minlength=65536)
+    neg = np.bincount(codes[~masks.ravel()], minlength=65536)
+    values = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+    y = np.r_[np.ones((pos > 0).sum()), np.zeros((neg > 0).sum())]
+    return y, np.r_[values[pos > 0], values[neg > 0]], np.r_[pos[pos > 0], neg[neg > 0]]
+
+
 def pixel_metrics(maps, masks):
-    y, s = masks.ravel(), maps.ravel().astype(np.float32)
-    return dict(auroc=float(roc_auc_score(y, s)), ap=float(average_precision_score(y, s)), aupro=aupro(maps, masks))
+    y, s, w = count_pixels(maps, masks)
+    return dict(auroc=float(roc_auc_score(y, s, sample_weight=w)),
+                ap=float(average_precision_score(y, s, sample_weight=w)), aupro=aupro(maps, masks))
 
 
 def compute_metrics(records, maps, scores, masks):

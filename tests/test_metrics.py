@@ -39,3 +39,14 @@ def test_compute_metrics_per_class_and_mask_rule():
     assert m["pixel"]["auroc"] == 1.0
     recs[2]["mask_path"] = None                               # one anomalous image without a mask: no pixel metrics
     assert evaluate.compute_metrics(recs, maps, scores, masks)["pixel"] is None
+
+
+def test_counted_pixel_metrics_equal_sklearn_on_every_pixel():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    rng = np.random.default_rng(0)
+    masks = rng.random((20, 16, 16)) < 0.1
+    maps = (rng.random((20, 16, 16)) * 0.5 + masks * 0.3 * rng.random((20, 16, 16))).astype(np.float16)
+    m = evaluate.pixel_metrics(maps, masks)
+    y, s = masks.ravel(), maps.ravel().astype(np.float32)
+    assert m["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert m["ap"] == pytest.approx(average_precision_score(y, s), abs=1e-12)
