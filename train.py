@@ -35,8 +35,10 @@ import deviation
 import encode
 import mediclip
 import project
+from baselines import pixel_tasks
 
 FORMAT_VERSION = 1
+SYNTH_MODES = ("deviation", "latent-noise", "mediclip", "pixel-noise", "mix")
 
 
 def parse_args(argv=None):
@@ -59,8 +61,11 @@ def parse_args(argv=None):
     p.add_argument("--random-init", action="store_true", help="random CLIP and MedVAE weights (smoke runs only)")
     p.add_argument("--unet", default="small", choices=list(deviation.UNET_PRESETS), help="eta_theta size")
     p.add_argument("--projection", default="small", choices=list(project.PROJECTION_PRESETS), help="P_theta size")
-    p.add_argument("--synth", default="deviation", choices=["deviation", "latent-noise"],
-                   help="deviation: z_n + C eta_theta (the method); latent-noise: z_n + C n (the control)")
+    p.add_argument("--synth", default="deviation", choices=SYNTH_MODES,
+                   help="deviation: z_n + C eta_theta (the method); latent-noise: z_n + C n (its control); "
+                   "mediclip: MediCLIP's pixel tasks; pixel-noise: Gaussian noise in a random mask; mix: "
+                   "deviation and mediclip anomalies in every step")
+    p.add_argument("--bank", type=int, default=128, help="pixel-space modes: synthesised views encoded once")
     p.add_argument("--synth-mask", default="blobs", choices=["blobs", "patches"],
                    help="anomaly regions: smooth blobs inside the foreground, or DeCo-Diff patches")
     p.add_argument("--C", type=float, nargs=2, default=[1.0, 3.0], metavar=("LO", "HI"),
@@ -169,6 +174,18 @@ def main(args):
     tokens_model = encode.CLIPTokens(clip, layers)
     real = [t.clone() for t in encode.encode_tokens(tokens_model, views.to(device), clip, autocast=autocast)]
     z = encode.encode_latents(vae, views.to(device), autocast=autocast).clone()  # (k V, c, h, w)
+    # hold out the last view(s) of every shot: the alignment cosine is reported on them
+    n_hold = max(1, args.views // 8) if args.views > 1 else 0
+    is_held = (torch.arange(len(views)) % args.views) >= args.views - n_hold
+    train_idx, held_idx = (~is_held).nonzero().squeeze(1), is_held.nonzero().squeeze(1)
+    uses_eta = args.synth in ("deviation", "mix")
+    uses_latent = args.synth in ("deviation", "latent-noise", "mix")
+    uses_bank = args.synth in ("mediclip", "pixel-noise", "mix")
+    if uses_bank:  # pixel-space baselines: a bank of synthesised views, encoded once like the normals
+        mode = "pixel-noise" if args.synth == "pixel-noise" else "mediclip"
+        bank_images, bank_masks = pixel_tasks.build_bank(views[train_idx], args.bank, mode, args.seed)
+        bank = [t.clone() for t in encode.encode_tokens(tokens_model, bank_images.to(device), clip, autocast=autocast)]
+        bank_masks = bank_masks.to(device)
     text_tower = encode.TextTower(clip)
     del vae, tokens_model  # the loop never runs the frozen image encoders
     encode_s = time.time() - t0
@@ -177,15 +194,12 @@ def main(args):
     z_mean, z_std = z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3)).clamp_min(1e-6)
     z_n = (z - z_mean.view(1, -1, 1, 1)) / z_std.view(1, -1, 1, 1)
     fg = foreground(views, z.shape[-2:]).to(device)
-    # hold out the last view(s) of every shot: the alignment cosine is reported on them
-    n_hold = max(1, args.views // 8) if args.views > 1 else 0
-    is_held = (torch.arange(len(views)) % args.views) >= args.views - n_hold
-    train_idx, held_idx = (~is_held).nonzero().squeeze(1), is_held.nonzero().squeeze(1)
 
     # ---- trainables
     config = dict(vars(args))
     config.update(layers=layers, image_size=image_size, token_dim=real[0].shape[1], token_hw=real[0].shape[-1],
-                  latent_channels=z.shape[1], latent_hw=z.shape[-1], n_views=len(views), held_out_views=len(held_idx))
+                  latent_channels=z.shape[1], latent_hw=z.shape[-1], n_views=len(views), held_out_views=len(held_idx),
+                  bank_size=len(bank_masks) if uses_bank else 0)
     eta, proj, det = (m.to(device) for m in build_trainables(config, clip))
     del clip.visual  # adapters are initialised from it; from here on only the text tower is needed
     opt = torch.optim.Adam([*eta.parameters(), *proj.parameters(), *det.parameters()],
@@ -198,48 +212,59 @@ def main(args):
     log = open(os.path.join(out, "log.csv"), "w", newline="")
     writer = first = None
     B, S = args.batch_size, image_size
+    zero = torch.zeros((), device=device)
     for step in (bar := tqdm(range(1, args.steps + 1), desc="train", dynamic_ncols=True)):
         idx = train_idx[torch.randint(len(train_idx), (B,), generator=gen)]
         z0, tok, fg_b = z_n[idx], [t[idx] for t in real], fg[idx]
         h, w = z0.shape[-2:]
+        warm = uses_eta and step <= args.eta_warmup
+        anomalies, labels, normals = [], [], [tok]   # token lists (one tensor per layer) and their masks
+        loss_deco = loss_align = cos = zero
 
-        # 1. DeCo-Diff masked forward process: eta_theta learns to predict the deviation
-        m, s = deviation.sample_patch_mask(B, h, w, gen, device)
-        t = torch.randint(deviation.T, (B,), generator=gen).to(device)
-        x_t, eta_target = deviation.masked_forward(z0, m, t, deviation.sample_noise(z0, s, gen), abar)
-        loss_deco = F.mse_loss(eta(x_t, t), eta_target)
+        if uses_eta:  # 1. DeCo-Diff masked forward process: eta_theta learns to predict the deviation
+            m, s = deviation.sample_patch_mask(B, h, w, gen, device)
+            t = torch.randint(deviation.T, (B,), generator=gen).to(device)
+            x_t, eta_target = deviation.masked_forward(z0, m, t, deviation.sample_noise(z0, s, gen), abar)
+            loss_deco = F.mse_loss(eta(x_t, t), eta_target)
 
-        # 2. synthesis: z_anom = z_n + C (1 - m_s) eta_pred, label = 1 - m_s
-        warm = args.synth == "deviation" and step <= args.eta_warmup
-        C = (args.C[0] + (args.C[1] - args.C[0]) * torch.rand(B, generator=gen)).to(device)
-        if args.synth_mask == "blobs":
-            m_s = deviation.sample_blob_mask(fg_b, gen)
-        else:
-            m_s = deviation.sample_patch_mask(B, h, w, gen, device)[0]
-        n_s = torch.randn(z0.shape, generator=gen).to(device)
-        if args.synth == "deviation":
-            t_s = torch.randint(deviation.T, (B,), generator=gen).to(device)
-            x_s, _ = deviation.masked_forward(z0, m_s, t_s, n_s, abar)
-            # by default the detector cannot reward eta_theta: a generator trained against the detector
-            # learns to make the anomalies that are easiest to detect, not plausible ones
-            with contextlib.nullcontext() if args.det_trains_eta else torch.no_grad():
-                eta_pred = eta(x_s, t_s)
-            z_anom = deviation.synthesise(z0, m_s, C, eta_pred=eta_pred)
-        else:
-            z_anom = deviation.synthesise(z0, m_s, C, n=n_s)
-        label = F.interpolate(1 - m_s, size=(S, S), mode="nearest")          # (B, 1, S, S)
+        if uses_latent:  # 2. synthesis: z_anom = z_n + C (1 - m_s) eta_pred (or n), label = 1 - m_s
+            C = (args.C[0] + (args.C[1] - args.C[0]) * torch.rand(B, generator=gen)).to(device)
+            if args.synth_mask == "blobs":
+                m_s = deviation.sample_blob_mask(fg_b, gen)
+            else:
+                m_s = deviation.sample_patch_mask(B, h, w, gen, device)[0]
+            n_s = torch.randn(z0.shape, generator=gen).to(device)
+            if uses_eta:
+                t_s = torch.randint(deviation.T, (B,), generator=gen).to(device)
+                x_s, _ = deviation.masked_forward(z0, m_s, t_s, n_s, abar)
+                # by default the detector cannot reward eta_theta: a generator trained against the detector
+                # learns to make the anomalies that are easiest to detect, not plausible ones
+                with contextlib.nullcontext() if args.det_trains_eta else torch.no_grad():
+                    eta_pred = eta(x_s, t_s)
+                z_anom = deviation.synthesise(z0, m_s, C, eta_pred=eta_pred)
+            else:
+                z_anom = deviation.synthesise(z0, m_s, C, n=n_s)
 
-        # 3. project into CLIP token space; keep P aligned with the real tokens of the same views
-        projected = proj(torch.cat([z_anom, z0]))                             # list of (2B, D, H, W)
-        loss_align, cos = project.alignment_loss([p[B:] for p in projected], tok)
+            # 3. project into CLIP token space; keep P aligned with the real tokens of the same views
+            projected = proj(torch.cat([z_anom, z0]))                         # list of (2B, D, H, W)
+            loss_align, cos = project.alignment_loss([p[B:] for p in projected], tok)
+            normals.append([p[B:] for p in projected])
+            if not warm:  # eta_theta's output is used only after its warm-up
+                anomalies.append([p[:B] for p in projected])
+                labels.append(F.interpolate(1 - m_s, size=(S, S), mode="nearest"))   # (B, 1, S, S)
 
-        # 4. detect: synthetic anomalies, projected normals and real CLIP normals
-        if warm:
-            loss_focal = loss_dice = torch.zeros((), device=device)
-        else:
-            text = det.text_features(text_tower)                              # (E, 2)
-            maps = det([torch.cat([p, r]) for p, r in zip(projected, tok)], text, S)   # (3B, 2, S, S)
-            masks = torch.cat([label, torch.zeros(2 * B, 1, S, S, device=device)])
+        if uses_bank:  # pixel-space anomalies, encoded by the frozen CLIP once before the loop
+            j = torch.randint(len(bank_masks), (B,), generator=gen)
+            anomalies.append([b[j] for b in bank])
+            labels.append(bank_masks[j])
+
+        # 4. detect: synthetic anomalies, then normals (projected and real CLIP tokens) with all-zero masks
+        loss_focal = loss_dice = zero
+        if anomalies:
+            parts = anomalies + normals
+            tokens = [torch.cat([p[i] for p in parts]) for i in range(len(layers))]  # each (nB, D, H, W)
+            masks = torch.cat(labels + [torch.zeros(B * len(normals), 1, S, S, device=device)])
+            maps = det(tokens, det.text_features(text_tower), S)             # (nB, 2, S, S)
             loss_focal, loss_dice = mediclip.focal_loss(maps, masks), mediclip.dice_loss(maps, masks)
 
         loss = args.w1 * (loss_focal + loss_dice) + args.w2 * loss_deco + args.w3 * loss_align
@@ -253,8 +278,8 @@ def main(args):
         if step % args.log_every == 0 or step in (1, args.steps):
             with torch.no_grad():
                 held_cos = project.alignment_loss(proj(z_n[held_idx]), [r[held_idx] for r in real])[1].item() \
-                    if len(held_idx) else float("nan")
-            row = dict(step=step, **terms, align_cos=cos.item(), held_align_cos=held_cos, warmup=int(warm))
+                    if len(held_idx) and uses_latent else float("nan")
+            row = dict(step=step, **terms, align_cos=float(cos), held_align_cos=held_cos, warmup=int(warm))
             if writer is None:
                 writer = csv.DictWriter(log, fieldnames=list(row))
                 writer.writeheader()

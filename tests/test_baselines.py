@@ -1,0 +1,36 @@
+"""Pixel-space baselines in train.py, the bank encoded once, and the ablation protocol on tiny models."""
+import json
+import os
+
+import torch
+
+import encode
+import train
+from baselines import ablation
+from test_train_eval import TINY
+
+
+def test_pixel_modes_encode_the_bank_once(monkeypatch, tmp_path):
+    seen = []
+    forward = encode.CLIPTokens.forward
+    monkeypatch.setattr(encode.CLIPTokens, "forward", lambda self, x: seen.append(len(x)) or forward(self, x))
+    for mode in ("mediclip", "pixel-noise", "mix"):
+        seen.clear()
+        path = train.main(train.parse_args(TINY + ["--synth", mode, "--bank", "6", "--out", str(tmp_path / mode)]))
+        assert sum(seen) == 4 + 6               # the views, then the bank; nothing inside the loop
+        assert torch.load(path, weights_only=True)["config"]["bank_size"] == 6
+
+
+def test_ablation_table_and_resume(monkeypatch, tmp_path):
+    argv = ["--datasets", "synthetic", "--shots", "1", "--seeds", "0", "1", "--modes", "deviation", "pixel-noise",
+            "--out", str(tmp_path), "--"] + TINY[TINY.index("--random-init"):] + ["--bank", "4"]
+    runs = ablation.main(ablation.parse_args(argv))
+    assert len(runs) == 4 and all(0 <= r["image_auroc"] <= 1 for r in runs)
+    table = open(tmp_path / "table.md").read()
+    assert "synthetic -> synthetic" in table and "±" in table and "(n=2)" in table
+    saved = json.load(open(tmp_path / "runs.json"))
+    assert saved["runs"][0]["metrics"]["conditions"]["synth"] == "deviation"
+    # a second call finds every run done and trains nothing
+    monkeypatch.setattr(train, "main", lambda args: (_ for _ in ()).throw(AssertionError("retrained")))
+    assert len(ablation.main(ablation.parse_args(argv))) == 4
+    assert os.path.isdir(tmp_path / "synthetic" / "k1" / "pixel-noise" / "s1")
