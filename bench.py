@@ -1,0 +1,170 @@
+"""
+What the method costs, side by side, in one run on one machine: prints a table and writes bench.json.
+
+  1. cache build: seconds per image for the MedVAE encoder and for CLIP up to the deepest block needed
+  2. one cached training step (train.py) against one CLIP forward of the same batch, which a pixel-synthesis
+     loop such as MediCLIP's must add to every step: the ratio (target <= 5 %)
+  3. a whole one-shot run of train.py against a MediCLIP-style loop (pixel synthesis + CLIP forward every
+     step, same steps, batch, detector and prompts): the ratio of wall times (target >= 10x)
+  4. evaluation: images/s of evaluate.py's path (loading, CLIP, adapters, maps) against a bare CLIP forward to
+     the deepest block on the same images: the overhead (target <= 10 %); data loading alone is shown too
+  5. peak resident memory of train.py and evaluate.py, each in its own process (target < 4 GiB for ViT-L-14)
+
+Random weights (timing does not depend on them) and the synthetic set (no download).
+
+    python bench.py --quick        # ViT-B-16, small work: about a minute
+    python bench.py                # ViT-B-16 and ViT-L-14
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import data
+import encode
+import evaluate
+import mediclip
+import train
+from baselines import pixel_tasks
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark training and evaluation cost.")
+    p.add_argument("--quick", action="store_true", help="ViT-B-16 only, small work (about a minute)")
+    p.add_argument("--clips", nargs="+", default=["ViT-B-16", "ViT-L-14"], help="backbones to time")
+    p.add_argument("--steps", type=int, default=20, help="training steps of both whole runs")
+    p.add_argument("--batch-size", type=int, default=8, help="batch of both training loops")
+    p.add_argument("--images", type=int, default=16, help="images for the cache-build and evaluation timings")
+    p.add_argument("--views", type=int, default=16, help="views per shot of the train.py runs")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: the default)")
+    p.add_argument("--out", default="bench.json", help="where the figures go")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.clips, args.steps, args.images, args.views = ["ViT-B-16"], 3, 4, 2
+    return args
+
+
+def timed(f, repeat=1):
+    """Best wall time of `repeat` calls (the first call also warms up when repeat > 1)."""
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def mediclip_style_run(name, layers, views, steps, B, seed=0):
+    """The peer's loop with our modules: every step synthesises pixel anomalies and runs the frozen CLIP."""
+    t0 = time.perf_counter()
+    clip = encode.load_clip(name, random_init=True)
+    S = clip.visual.image_size[0] if not isinstance(clip.visual.image_size, int) else clip.visual.image_size
+    tokens_model, tower = encode.CLIPTokens(clip, layers), encode.TextTower(clip)
+    det = mediclip.build_mediclip(clip, len(layers))
+    opt = torch.optim.Adam(det.parameters(), lr=1e-3, betas=(0.5, 0.999))
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(len(views), (B,), generator=gen)
+        x, m = zip(*[pixel_tasks.synthesise_mediclip(views[i], views, gen) for i in idx])
+        tokens = [t.clone() for t in encode.encode_tokens(tokens_model, torch.stack(x), clip, batch_size=B)]
+        maps = det(tokens, det.text_features(tower), S)
+        masks = torch.stack(m)
+        loss = mediclip.focal_loss(maps, masks) + mediclip.dice_loss(maps, masks)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def peak_rss_gib(script, argv):
+    """Run a script in its own process and return its peak resident memory (GiB) and wall time."""
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would inherit this process's peak
+    code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')]; "
+            "print('PEAK_KB', hwm[0].split()[1] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code, os.path.join(HERE, script), *argv], cwd=HERE,
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"{script} failed: {r.stderr.strip().splitlines()[-1]}")
+    kb = int(r.stdout.split("PEAK_KB")[-1].split()[0])
+    return kb / 2 ** 20, time.perf_counter() - t
+
+
+def bench_backbone(name, args, tmp):
+    row = dict(clip=name)
+    clip = encode.load_clip(name, random_init=True)
+    S = clip.visual.image_size[0] if not isinstance(clip.visual.image_size, int) else clip.visual.image_size
+    layers = train.resolve_layers(None, len(clip.visual.transformer.resblocks))
+    tokens_model = encode.CLIPTokens(clip, layers)
+    records = data.load_split("synthetic", "", "test")[:args.images]
+    images, _ = data.load_images(records, S)
+
+    # 1. cache build
+    vae = encode.load_medvae("medvae_4_1_2d", random_init=True)
+    row["medvae_s_per_image"] = timed(lambda: encode.encode_latents(vae, images)) / len(images)
+    row["clip_s_per_image"] = timed(lambda: encode.encode_tokens(tokens_model, images, clip)) / len(images)
+    del vae
+    batch = images[:args.batch_size].repeat(-(-args.batch_size // len(images)), 1, 1, 1)[:args.batch_size]
+    row["clip_forward_batch_s"] = timed(lambda: encode.encode_tokens(tokens_model, batch, clip, len(batch)), 2)
+
+    # 2 + 3. whole runs: train.py (cached) against the MediCLIP-style loop
+    t = time.perf_counter()
+    path = train.main(train.parse_args(["--data", "synthetic", "--shots", "1", "--random-init", "--clip", name,
+                                        "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                                        "--views", str(args.views), "--eta-warmup", "0",
+                                        "--out", os.path.join(tmp, name)]))
+    row["train_run_s"] = time.perf_counter() - t
+    stats = torch.load(path, weights_only=True)["stats"]
+    row["train_step_s"] = stats["train_s"] / args.steps
+    row["step_over_clip_forward"] = row["train_step_s"] / row["clip_forward_batch_s"]
+    views = data.augment_views(data.load_images(data.sample_shots(data.load_split("synthetic", "", "train"), 1, 0),
+                                                S)[0], args.views, 0)
+    row["mediclip_style_run_s"] = mediclip_style_run(name, layers, views, args.steps, args.batch_size)
+    row["speedup_vs_mediclip_style"] = row["mediclip_style_run_s"] / row["train_run_s"]
+
+    # 4. evaluation against the bare backbone
+    ev = evaluate.parse_args(["--ckpt", path, "--batch-size", "16"])
+    det = mediclip.build_mediclip(clip, len(layers)).eval()
+    row["load_s_per_image"] = timed(lambda: data.load_images(records, S)) / len(records)
+    row["bare_clip_s_per_image"] = timed(lambda: encode.encode_tokens(tokens_model, images, clip), 2) / len(images)
+    row["eval_s_per_image"] = timed(lambda: evaluate.predict(records, clip, det, layers, ev, torch.device("cpu")),
+                                    2) / len(records)
+    row["eval_overhead"] = row["eval_s_per_image"] / row["bare_clip_s_per_image"] - 1
+
+    # 5. peak memory, each in its own process
+    row["train_peak_gib"], _ = peak_rss_gib("train.py", ["--data", "synthetic", "--shots", "1", "--random-init",
+                                                         "--clip", name, "--steps", str(args.steps),
+                                                         "--views", str(args.views), "--out", os.path.join(tmp, "m")])
+    row["eval_peak_gib"], _ = peak_rss_gib("evaluate.py", ["--ckpt", os.path.join(tmp, "m", "run.pt"),
+                                                           "--overlays", "0"])
+    return row
+
+
+def main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.clips:
+            rows.append(bench_backbone(name, args, tmp))
+    out = dict(machine=dict(threads=torch.get_num_threads(), cpus=os.cpu_count(), torch=torch.__version__,
+                            cuda=torch.cuda.is_available()), args=vars(args), rows=rows)
+    evaluate.write_json(out, args.out)
+    keys = [k for k in rows[0] if k != "clip"]
+    print(f"{'':28s}" + "".join(f"{r['clip']:>14s}" for r in rows))
+    for k in keys:
+        print(f"{k:28s}" + "".join(f"{r[k]:14.3f}" for r in rows))
+    print(f"wrote {args.out}")
+    return out
+
+
+if __name__ == "__main__":
+    main(parse_args())
