@@ -10,6 +10,8 @@ Train a one-shot MediCLIP detector on anomalies *learned* in MedVAE latent space
          L_det         = focal + dice                                 L_align = 1 - cos(P(z_n), CLIP tokens)
          total         = w1 L_det + w2 L_deco + w3 L_align
     -> save one checkpoint (atomically) and print the evaluate command.
+Baselines (--synth mediclip | pixel-noise | mix) add anomalies synthesised in pixel space: a bank of --bank views,
+encoded by the frozen CLIP once before the loop, like the normal views (baselines/pixel_tasks.py).
 
 A fixed number of steps; the last checkpoint is the result. The test split is never read here.
 
@@ -158,7 +160,6 @@ def main(args):
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)  # every random draw of the loop, on the CPU: reproducible
     out = args.out or os.path.join("runs", f"{os.path.basename(args.data.rstrip('/'))}-k{args.shots}-s{args.seed}")
-    os.makedirs(out, exist_ok=True)
 
     # ---- data: k normal shots, V augmented views each (the test split is never read)
     pool = data.load_split(args.data, args.data_root, "train", seed=args.seed)
@@ -205,6 +206,7 @@ def main(args):
     opt = torch.optim.Adam([*eta.parameters(), *proj.parameters(), *det.parameters()],
                            lr=args.lr, betas=(0.5, 0.999))
     abar = deviation.cosine_abar().to(device)
+    os.makedirs(out, exist_ok=True)  # only now: bad input above leaves nothing behind
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
 
