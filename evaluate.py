@@ -254,7 +254,7 @@ def main(args):
     if args.images:
         return None
 
-    metrics = dict(dataset=name, split="test", **compute_metrics(records, maps.astype(np.float32), scores, masks),
+    metrics = dict(dataset=name, split="test", **compute_metrics(records, maps, scores, masks),
                    conditions=dict(cond, image_score="max" if args.topk <= 0 else f"top{args.topk}",
                                    code_version=code_version()))
     if cond["random_init"]:
