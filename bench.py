@@ -135,7 +135,7 @@ def bench_backbone(name, args, tmp):
     det = mediclip.build_mediclip(clip, len(layers)).eval()
     row["load_s_per_image"] = timed(lambda: data.load_images(records, S)) / len(records)
     row["bare_clip_s_per_image"] = timed(lambda: encode.encode_tokens(tokens_model, images, clip), 2) / len(images)
-    row["eval_s_per_image"] = timed(lambda: evaluate.predict(records, clip, det, layers, ev, torch.device("cpu")),
+    row["eval_s_per_image"] = timed(lambda: evaluate.predict(records, clip, [det], layers, ev, torch.device("cpu")),
                                     2) / len(records)
     row["eval_overhead"] = row["eval_s_per_image"] / row["bare_clip_s_per_image"] - 1
 

@@ -4,30 +4,46 @@ frozen CLIP, the adapters and the prompts: an anomaly map and an image score (no
 
     python evaluate.py --ckpt runs/brainmri-k1-s0/run.pt                          # its own dataset's test split
     python evaluate.py --ckpt run.pt --data busi --data-root ../shared/data       # another dataset
+    python evaluate.py --ckpt runs/busi-k1-s*/run.pt --out runs/busi-k1-ensemble  # support-set seeds together
+    python evaluate.py --ckpt run.pt --calib-split 0.2                            # calibrate on 20% of the test set
     python evaluate.py --ckpt run.pt --images my_scans/                           # own images, no labels
     python evaluate.py --zero-shot --random-init --clip ViT-B-16 --data busi --data-root ../shared/data
 
-Writes into --out (default: beside the checkpoint): metrics.json (image AUROC and AP; pixel AUROC, AP and
-AUPRO where every anomalous image has a mask; the same per anomaly class), scores.csv (one row per image) and
-a few overlays (image | anomaly map | mask) as PNG.
+Reports what a clinical evaluation needs, not one number (written into --out, default beside the checkpoint):
+- metrics.json: image AUROC and AP; pixel AUROC, AP and AUPRO where every anomalous image has a mask; both per
+  anomaly class; 95% bootstrap confidence intervals of image and pixel AUROC (images resampled, seeded).
+- calibration: Platt scaling (Platt 1999) of the image score, fitted only on what a few-shot user has (the
+  checkpoint's calibration set: its shots' views and fresh synthetic anomalies, see train.py), or with
+  --calib-split f on a labelled fraction f of the test set, which is then left out of every reported number.
+  Expected calibration error (Guo et al. 2017, 15 bins) and a reliability diagram (reliability.png).
+- operating points: calibrated p >= 0.5, and the threshold that reaches --target-sensitivity on the data the
+  calibration was fitted on; sensitivity, specificity and the confusion matrix, per class.
+- several --ckpt (one per support-set seed): mean +- std of every metric over them, the ensemble (mean score,
+  mean calibrated probability) as the headline, each image's score spread in scores.csv and the most uncertain.
+- scores.csv (one row per image), roc.png, and a few overlays (image | anomaly map | mask).
 """
 import argparse
 import csv
+import hashlib
 import json
 import os
 import pickle
 import sys
+import textwrap
 
 import numpy as np
 import torch
 from PIL import Image
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from tqdm import tqdm
 
 import data
 import encode
 import mediclip
 from train import FORMAT_VERSION, code_version, frozen_autocast, pick_device, resolve_layers
+
+ECE_BINS = 15  # Guo et al. 2017
 
 
 class CheckpointError(ValueError):
@@ -41,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default=None, help="folder that holds the datasets (default: the checkpoint's)")
     p.add_argument("--images", default=None, help="a folder of own images to score, without labels")
     # model
-    p.add_argument("--ckpt", default=None, help="checkpoint written by train.py")
+    p.add_argument("--ckpt", nargs="+", default=None, help="checkpoint(s) written by train.py; several (one per "
+                   "support-set seed, same backbone) are reported one by one and as an ensemble")
     p.add_argument("--zero-shot", action="store_true", help="no checkpoint: CLIP's zero-shot maps")
     p.add_argument("--clip", default=None, help="open_clip model (zero-shot; default ViT-L-14)")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag (default: the checkpoint's, openai)")
@@ -49,8 +66,15 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, nargs="+", default=None, help="CLIP blocks (zero-shot; default as train.py)")
     p.add_argument("--random-init", action="store_true", help="random CLIP weights (zero-shot smoke runs only)")
     p.add_argument("--topk", type=int, default=0, help="image score: mean of the top-k map pixels (0: the max)")
+    # report
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (0: none)")
+    p.add_argument("--calib-split", type=float, default=0.0, help="fit calibration and thresholds on this labelled "
+                   "fraction of the test set and report on the rest (0: on the checkpoint's few-shot set)")
+    p.add_argument("--target-sensitivity", type=float, default=0.95, help="operating point: the threshold that "
+                   "reaches this sensitivity on the calibration data")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of --calib-split")
     # run
-    p.add_argument("--out", default=None, help="results folder (default: beside the checkpoint)")
+    p.add_argument("--out", default=None, help="results folder (default: beside the (first) checkpoint)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward")
     p.add_argument("--overlays", type=int, default=8, help="number of overlay PNGs to write")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
@@ -58,6 +82,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# ---------------------------------------------------------------------------------------------- model
 def load_checkpoint(path):
     """A checkpoint dict, loaded with weights_only=True: pickled objects are refused, never executed."""
     if not os.path.isfile(path):
@@ -78,62 +103,82 @@ def load_checkpoint(path):
     return ckpt
 
 
-def check_request(config, args, path):
-    """Refuse a backbone or layer set other than the checkpoint's, rather than silently evaluate nonsense."""
-    if args.clip and args.clip != config["clip"]:
-        raise CheckpointError(f"{path}: made for CLIP {config['clip']}, but --clip {args.clip} was requested")
-    if args.layers and list(args.layers) != list(config["layers"]):
-        raise CheckpointError(f"{path}: made for layers {config['layers']}, but --layers {args.layers} was requested")
-
-
-def build_model(args, ckpt):
-    """CLIP + MediCLIP from the checkpoint alone (or zero-shot), and the conditions of the numbers."""
-    if args.zero_shot:
-        clip = encode.load_clip(args.clip or "ViT-L-14", args.pretrained or "openai", args.clip_weights,
-                                args.random_init)
-        layers = resolve_layers(args.layers, len(clip.visual.transformer.resblocks))
-        det = mediclip.build_mediclip(clip, len(layers))
-        cond = dict(checkpoint=None, clip=args.clip or "ViT-L-14", layers=layers, shots=0, seed=None, shot_files=[],
-                    random_init=args.random_init, train_data=None)
-    else:
+def check_request(ckpts, paths, args):
+    """Refuse a backbone or layer set other than the checkpoints', and an ensemble of different backbones,
+    rather than silently evaluate nonsense."""
+    first = ckpts[0]["config"]
+    for ckpt, path in zip(ckpts, paths):
         cfg = ckpt["config"]
-        check_request(cfg, args, args.ckpt)
-        clip = encode.load_clip(cfg["clip"], args.pretrained or cfg["pretrained"],
-                                args.clip_weights or cfg["clip_weights"], cfg["random_init"])
-        layers = cfg["layers"]
-        det = mediclip.build_mediclip(clip, len(layers))
+        if args.clip and args.clip != cfg["clip"]:
+            raise CheckpointError(f"{path}: made for CLIP {cfg['clip']}, but --clip {args.clip} was requested")
+        if args.layers and list(args.layers) != list(cfg["layers"]):
+            raise CheckpointError(f"{path}: made for layers {cfg['layers']}, but --layers {args.layers} was requested")
+        for key in ("clip", "pretrained", "clip_weights", "random_init", "layers"):
+            if cfg[key] != first[key]:
+                raise CheckpointError(f"{path}: its {key} {cfg[key]} differs from {paths[0]}'s {first[key]}; an "
+                                      f"ensemble must share one backbone")
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_backbone(args, ckpts):
+    """The frozen CLIP (once, for every checkpoint), its layers, and the conditions of the numbers."""
+    cfg = ckpts[0]["config"] if ckpts else dict(clip=args.clip or "ViT-L-14", pretrained="openai", clip_weights=None,
+                                                random_init=args.random_init, layers=None, data=None)
+    pretrained, weights = args.pretrained or cfg["pretrained"], args.clip_weights or cfg["clip_weights"]
+    clip = encode.load_clip(cfg["clip"], pretrained, weights, cfg["random_init"])
+    layers = cfg["layers"] or resolve_layers(args.layers, len(clip.visual.transformer.resblocks))
+    cond = dict(checkpoints=[os.path.abspath(p) for p in args.ckpt or []],
+                checkpoint_sha256=[sha256(p) for p in args.ckpt or []], clip=cfg["clip"], layers=layers,
+                random_init=cfg["random_init"], weights="random" if cfg["random_init"] else
+                f"file {os.path.abspath(weights)}" if weights else f"open_clip tag {pretrained}",
+                weights_sha256=sha256(weights) if weights and not cfg["random_init"] else None,
+                shots=ckpts[0]["config"]["shots"] if ckpts else 0, seeds=[c["seed"] for c in ckpts],
+                shot_files=[c["shots"] for c in ckpts], train_data=cfg["data"],
+                synth=cfg.get("synth"), steps=cfg.get("steps"))
+    return clip, layers, cond
+
+
+def load_detector(clip, layers, ckpt, path):
+    det = mediclip.build_mediclip(clip, len(layers))
+    if ckpt is not None:
         try:
             det.load_state_dict(ckpt["state_dicts"]["mediclip"])
         except (RuntimeError, KeyError) as e:
-            raise CheckpointError(f"{args.ckpt}: its MediCLIP weights do not fit {cfg['clip']} "
+            raise CheckpointError(f"{path}: its MediCLIP weights do not fit {ckpt['config']['clip']} "
                                   f"({str(e).splitlines()[0][:160]})")
-        cond = dict(checkpoint=os.path.abspath(args.ckpt), clip=cfg["clip"], layers=layers, shots=cfg["shots"],
-                    seed=ckpt["seed"], shot_files=ckpt["shots"], random_init=cfg["random_init"],
-                    train_data=cfg["data"], synth=cfg["synth"], steps=cfg["steps"])
-    weights = args.clip_weights or (None if args.zero_shot else cfg["clip_weights"])
-    cond["weights"] = ("random" if cond["random_init"] else
-                       f"file {weights}" if weights else f"open_clip tag {args.pretrained or 'openai'}")
-    return clip, det.eval(), layers, cond
+    return det.eval()
 
 
 @torch.inference_mode()
-def predict(records, clip, det, layers, args, device):
-    """Anomaly maps (N, S, S) float16 and image scores (N,) for the records, batched."""
+def predict(records, clip, dets, layers, args, device):
+    """Anomaly maps (M, N, S, S) float16 and image scores (M, N) of M detectors on N records, and the masks
+    (N, S, S); one frozen CLIP forward per batch serves every detector."""
     S = clip.visual.image_size if isinstance(clip.visual.image_size, int) else clip.visual.image_size[0]
     tokens_model = encode.CLIPTokens(clip, layers)
-    text = det.text_features(encode.TextTower(clip))               # (E, 2), once for all images
+    tower = encode.TextTower(clip)
+    texts = [det.text_features(tower) for det in dets]             # (E, 2) each, once for all images
     autocast = frozen_autocast(device)
-    maps, scores, masks = [], [], []
+    maps, scores, masks = [[] for _ in dets], [[] for _ in dets], []
     for i in tqdm(range(0, len(records), args.batch_size), desc="evaluate", dynamic_ncols=True):
         images, m = data.load_images(records[i:i + args.batch_size], S)
         tokens = encode.encode_tokens(tokens_model, images.to(device), clip, len(images), autocast)
-        probs = det(tokens, text, S)                                # (B, 2, S, S)
-        scores.append(mediclip.image_scores(probs, args.topk).float().cpu())
-        maps.append(probs[:, 1].half().cpu())
+        for j, (det, text) in enumerate(zip(dets, texts)):
+            probs = det(tokens, text, S)                            # (B, 2, S, S)
+            scores[j].append(mediclip.image_scores(probs, args.topk).float().cpu())
+            maps[j].append(probs[:, 1].half().cpu())
         masks.append(m[:, 0].bool())
-    return torch.cat(maps).numpy(), torch.cat(scores).numpy(), torch.cat(masks).numpy()
+    return (np.stack([torch.cat(m).numpy() for m in maps]), np.stack([torch.cat(s).numpy() for s in scores]),
+            torch.cat(masks).numpy())
 
 
+# ---------------------------------------------------------------------------------------------- metrics
 def aupro(maps, masks, max_fpr=0.3):
     """Area under the per-region-overlap curve up to max_fpr, normalised to [0, 1] (Bergmann et al. 2021),
     for probability maps >= 0 (compared at float16 precision, as they are stored).
@@ -182,18 +227,214 @@ def pixel_metrics(maps, masks):
                 ap=float(average_precision_score(y, s, sample_weight=w)), aupro=aupro(maps, masks))
 
 
-def compute_metrics(records, maps, scores, masks):
-    """Image metrics always; pixel metrics when every anomalous image has a mask; both per anomaly class."""
+def stratified_resamples(labels, n, rng):
+    """(n, N) bootstrap resamples of N images: drawn with replacement within the normal and within the
+    anomalous images, so every resample keeps the class counts and has an AUROC."""
+    groups = [np.flatnonzero(labels == v) for v in (0, 1)]
+    return np.concatenate([rng.choice(g, size=(n, len(g))) for g in groups], axis=1)
+
+
+def pixel_histograms(maps, masks):
+    """(N, 2, U) float32 counts of each image's normal [:, 0] and anomalous [:, 1] pixels at each of the U
+    distinct float16 scores present, in ascending score order: a resample's pixel AUROC is then a sum of rows."""
+    codes = maps.astype(np.float16).view(np.uint16).reshape(len(maps), -1)
+    lut = np.cumsum(np.bincount(codes.ravel(), minlength=65536) > 0) - 1   # code -> rank among present codes
+    hist = np.zeros((len(maps), 2, lut[-1] + 1), np.float32)
+    for i, (c, m) in enumerate(zip(lut[codes], masks.reshape(len(masks), -1))):
+        hist[i, 0], hist[i, 1] = np.bincount(c[~m], minlength=hist.shape[2]), np.bincount(c[m], minlength=hist.shape[2])
+    return hist
+
+
+def histogram_auroc(neg, pos):
+    """AUROC from (R, U) score histograms in ascending score order: P(s+ > s-) + P(s+ = s-) / 2 (Mann-Whitney)."""
+    below = np.cumsum(neg, axis=1, dtype=np.float64) - neg
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (pos * (below + 0.5 * neg)).sum(1) / (pos.sum(1, dtype=np.float64) * neg.sum(1, dtype=np.float64))
+
+
+def bootstrap_pixel_auroc(hist, resamples, chunk=50):
+    """Pixel AUROC of each resample of images; (R,) with nan where a resample has no anomalous pixel."""
+    out = []
+    for r in range(0, len(resamples), chunk):
+        w = np.stack([np.bincount(i, minlength=len(hist)) for i in resamples[r:r + chunk]]).astype(np.float32)
+        out.append(histogram_auroc(w @ hist[:, 0], w @ hist[:, 1]))  # (chunk, U) each
+    return np.concatenate(out)
+
+
+def ci95(values):
+    lo, hi = np.nanpercentile(values, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def compute_metrics(records, maps, scores, masks, n_boot=0, seed=0):
+    """Image metrics always; pixel metrics when every anomalous image has a mask; both per anomaly class, and
+    with n_boot > 0 the percentile bootstrap 95% CI of each AUROC (the same image resamples for both)."""
     labels = np.array([r["label"] for r in records])
     classes = np.array([r["cls"] for r in records])
     has_masks = all(r["mask_path"] is not None or r["mask"] is not None for r in records if r["label"] == 1)
-    out = dict(image=image_metrics(scores, labels), pixel=pixel_metrics(maps, masks) if has_masks else None,
-               per_class={})
+    hist = pixel_histograms(maps, masks) if has_masks and n_boot else None
+
+    def report(keep):
+        s, y = scores[keep], labels[keep]
+        image, pixel = image_metrics(s, y), pixel_metrics(maps[keep], masks[keep]) if has_masks else None
+        if n_boot:
+            idx = stratified_resamples(y, n_boot, np.random.default_rng(seed))
+            image["auroc_ci95"] = ci95([roc_auc_score(y[i], s[i]) for i in idx])
+            if pixel:
+                pixel["auroc_ci95"] = ci95(bootstrap_pixel_auroc(hist[keep], idx))
+        return image, pixel
+
+    out = dict(zip(("image", "pixel"), report(np.ones(len(labels), bool))), per_class={})
     for c in sorted(set(classes[labels == 1])):
-        keep = (labels == 0) | (classes == c)                       # the normals against one class
-        out["per_class"][c] = dict(image=image_metrics(scores[keep], labels[keep]),
-                                   pixel=pixel_metrics(maps[keep], masks[keep]) if has_masks else None)
+        image, pixel = report((labels == 0) | (classes == c))       # the normals against one class
+        out["per_class"][c] = dict(image=image, pixel=pixel)
     return out
+
+
+def summarise_members(members):
+    """Mean +- std (ddof=1) over checkpoints of every metric, e.g. over support-set seeds."""
+    def stats(get):
+        v = [get(m) for m in members]
+        v = [x for x in v if x is not None]
+        return dict(mean=float(np.mean(v)), std=float(np.std(v, ddof=1)), values=[float(x) for x in v]) if v else None
+    keys = [("image", "auroc"), ("image", "ap"), ("pixel", "auroc"), ("pixel", "ap"), ("pixel", "aupro")]
+    return {f"{a}_{b}": stats(lambda m: m[a][b] if m[a] else None) for a, b in keys}
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+def logit(p, eps=1e-6):
+    p = np.clip(np.asarray(p, np.float64), eps, 1 - eps)
+    return np.log(p / (1 - p))
+
+
+def fit_platt(scores, labels):
+    """Platt scaling: P(anomalous | s) = sigmoid(a logit(s) + b), fitted by maximum likelihood to Platt's (1999)
+    smoothed targets (N+ + 1) / (N+ + 2) and 1 / (N- + 2), which keep a and b finite when the calibration set
+    is separable, as a small few-shot one often is. Returns (a, b)."""
+    n_pos, n_neg = labels.sum(), len(labels) - labels.sum()
+    target = np.where(labels == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+    # a soft target t is the likelihood of the point seen twice: labelled 1 with weight t, 0 with weight 1 - t
+    x = np.r_[logit(scores), logit(scores)][:, None]
+    y, w = np.r_[np.ones(len(labels)), np.zeros(len(labels))], np.r_[target, 1 - target]
+    lr = LogisticRegression(C=np.inf, max_iter=1000).fit(x, y, sample_weight=w)
+    return float(lr.coef_[0, 0]), float(lr.intercept_[0])
+
+
+def apply_platt(scores, ab):
+    return 1 / (1 + np.exp(-(ab[0] * logit(scores) + ab[1])))
+
+
+def calibration_set(ckpt, topk, path):
+    """Image scores (the --topk definition) and labels of a checkpoint's few-shot calibration set, or None."""
+    cal = ckpt.get("calibration")
+    if cal is None:
+        return None
+    tops = torch.cat([cal["normal"], cal["anomalous"]]).double()   # (n, CAL_TOP) largest map values, descending
+    if topk > tops.shape[1]:
+        raise ValueError(f"{path}: its calibration set keeps the top {tops.shape[1]} map values; --topk {topk} "
+                         f"needs more (use --calib-split, or a smaller --topk)")
+    scores = tops[:, 0] if topk <= 0 else tops[:, :topk].mean(1)
+    return scores.numpy(), np.r_[np.zeros(len(cal["normal"])), np.ones(len(cal["anomalous"]))]
+
+
+def calibrate(member_scores, labels, fit, ckpts, args):
+    """Calibrated P(anomalous) of every image, and the probabilities and labels of the data it was fitted on.
+    --calib-split: one Platt fit on the (mean) score of the labelled test images in `fit`. Otherwise each
+    checkpoint's own few-shot set, the members' probabilities averaged as in a deep ensemble. None if neither."""
+    if fit.any():
+        s = member_scores.mean(0)
+        ab = fit_platt(s[fit], labels[fit])
+        info = dict(method="platt", fitted_on=f"labelled test fraction {args.calib_split} (seed {args.seed}), "
+                    f"left out of every reported number", n_normal=int((labels[fit] == 0).sum()),
+                    n_anomalous=int(labels[fit].sum()), params=[ab])
+        return apply_platt(s, ab), apply_platt(s[fit], ab), labels[fit], info
+    sets = [calibration_set(c, args.topk, p) for c, p in zip(ckpts, args.ckpt or [])]
+    if not sets or any(x is None for x in sets):
+        return None, None, None, dict(method=None, reason="no checkpoint, or one without a calibration set "
+                                      "(retrain, or use --calib-split)")
+    params = [fit_platt(s, y) for s, y in sets]
+    probs = np.mean([apply_platt(s, ab) for s, ab in zip(member_scores, params)], axis=0)
+    fit_probs = np.concatenate([apply_platt(s, ab) for (s, _), ab in zip(sets, params)])
+    fit_labels = np.concatenate([y for _, y in sets])
+    cfg = ckpts[0]["config"]
+    info = dict(method="platt", fitted_on=f"few-shot: the views of the {cfg['shots']} shot(s) and synthetic "
+                f"'{cfg['synth']}' anomalies from {cfg['data']} (see train.py); no test label was used",
+                n_normal=int((fit_labels == 0).sum()), n_anomalous=int(fit_labels.sum()), params=params)
+    return probs, fit_probs, fit_labels, info
+
+
+def split_for_calibration(labels, frac, seed):
+    """Boolean mask of a stratified, seeded fraction of the labelled images (the calibration fit set)."""
+    rng, fit = np.random.default_rng(seed), np.zeros(len(labels), bool)
+    for v in (0, 1):
+        idx = np.flatnonzero(labels == v)
+        fit[rng.choice(idx, size=int(round(frac * len(idx))), replace=False)] = True
+    return fit
+
+
+def ece(probs, labels, bins=ECE_BINS):
+    """Expected calibration error of P(anomalous): the image-weighted |fraction anomalous - mean p| over equal-width
+    bins of p (Guo et al. 2017)."""
+    b = np.minimum((probs * bins).astype(int), bins - 1)
+    return float(np.abs(np.bincount(b, labels, bins) - np.bincount(b, probs, bins)).sum() / len(probs))
+
+
+def threshold_for_sensitivity(probs, labels, target):
+    """The highest threshold t whose sensitivity P(p >= t | anomalous) on these data reaches target."""
+    pos = np.sort(probs[labels == 1])
+    return float(pos[int(np.floor((1 - target) * len(pos) + 1e-9))])
+
+
+def operating_point(probs, labels, classes, t):
+    """Sensitivity, specificity and confusion matrix at p >= t, and per class how many are called anomalous."""
+    pred = probs >= t
+    tp, fn = int((pred & (labels == 1)).sum()), int((~pred & (labels == 1)).sum())
+    tn, fp = int((~pred & (labels == 0)).sum()), int((pred & (labels == 0)).sum())
+    per_class = {c: dict(n=int((classes == c).sum()), called_anomalous=int(pred[classes == c].sum()),
+                         called_normal=int((~pred[classes == c]).sum())) for c in sorted(set(classes))}
+    return dict(threshold=float(t), sensitivity=tp / max(tp + fn, 1), specificity=tn / max(tn + fp, 1),
+                confusion=dict(tp=tp, fn=fn, tn=tn, fp=fp), per_class=per_class)
+
+
+# ---------------------------------------------------------------------------------------------- figures and files
+def plot_roc(path, scores, labels, classes, metrics, points):
+    """Image-level ROC, overall and per anomaly class (normals against the class), with the operating points."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
+    groups = [("all", np.ones(len(labels), bool))] + [(c, (labels == 0) | (classes == c))
+                                                       for c in sorted(set(classes[labels == 1]))]
+    for name, keep in groups if len(groups) > 2 else groups[:1]:
+        fpr, tpr, _ = roc_curve(labels[keep], scores[keep])
+        a = metrics["image"] if name == "all" else metrics["per_class"][name]["image"]
+        ci = f" [{a['auroc_ci95'][0]:.3f}, {a['auroc_ci95'][1]:.3f}]" if "auroc_ci95" in a else ""
+        ax.plot(fpr, tpr, label=f"{name}: AUROC {a['auroc']:.3f}{ci}")
+    for name, op in points.items():
+        ax.plot(1 - op["specificity"], op["sensitivity"], "o", label=f"{name} (t={op['threshold']:.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="image-level ROC", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=7)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def plot_reliability(path, probs, labels, fitted_on, bins=ECE_BINS):
+    """Reliability diagram: fraction anomalous against mean predicted probability per bin, and the bin counts."""
+    from matplotlib.figure import Figure
+    b = np.minimum((probs * bins).astype(int), bins - 1)
+    n = np.bincount(b, minlength=bins)
+    has = n > 0
+    mean_p, frac = np.bincount(b, probs, bins)[has] / n[has], np.bincount(b, labels, bins)[has] / n[has]
+    fig = Figure(figsize=(5, 6))
+    ax, hx = fig.subplots(2, 1, sharex=True, gridspec_kw=dict(height_ratios=[3, 1]))
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
+    ax.plot(mean_p, frac, "o-", label="test images")
+    ax.set(ylabel="fraction anomalous", ylim=(0, 1), title=f"ECE {ece(probs, labels, bins):.3f} on {len(probs)} "
+           f"test images ({bins} bins)\n" + textwrap.fill(f"Platt scaling fitted on {fitted_on}", 70))
+    ax.title.set_fontsize(8)
+    ax.legend(loc="upper left", fontsize=7)
+    hx.bar((np.arange(bins) + 0.5) / bins, n, width=1 / bins, edgecolor="white")
+    hx.set(xlabel="calibrated P(anomalous)", ylabel="images", xlim=(0, 1))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 def colourise(a):
@@ -212,6 +453,25 @@ def write_overlay(path, image, amap, mask):
     Image.fromarray(np.concatenate([img, heat, m], axis=1)).save(path)
 
 
+def write_scores(path, records, member_scores, probs, thresholds, fit):
+    """One row per image: the (mean) score, its spread over checkpoints, the calibrated probability, the call at
+    each operating point, each checkpoint's score, and whether the image was used to fit the calibration."""
+    M = len(member_scores)
+    head = ["name", "label", "class", "score"] + (["score_std"] if M > 1 else []) + \
+           (["probability"] if probs is not None else []) + [f"anomalous@{k}" for k in thresholds] + \
+           ([f"score_{j}" for j in range(M)] if M > 1 else []) + (["calibration_fit"] if fit.any() else [])
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(head)
+        for i, r in enumerate(records):
+            s = member_scores[:, i]
+            w.writerow([r["name"], r["label"], r["cls"], f"{s.mean():.6f}"]
+                       + ([f"{s.std(ddof=1):.6f}"] if M > 1 else [])
+                       + ([f"{probs[i]:.6f}"] if probs is not None else [])
+                       + [int(probs[i] >= t) for t in thresholds.values()]
+                       + ([f"{x:.6f}" for x in s] if M > 1 else []) + ([int(fit[i])] if fit.any() else []))
+
+
 def write_json(obj, path):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -219,51 +479,107 @@ def write_json(obj, path):
     os.replace(tmp, path)
 
 
+# ---------------------------------------------------------------------------------------------- main
+def print_summary(m):
+    ci = lambda d: f" [{d['auroc_ci95'][0]:.3f}, {d['auroc_ci95'][1]:.3f}]" if "auroc_ci95" in d else ""
+    lines = [f"image AUROC {m['image']['auroc']:.4f}{ci(m['image'])}  AP {m['image']['ap']:.4f}"]
+    if m["pixel"]:
+        lines.append(f"pixel AUROC {m['pixel']['auroc']:.4f}{ci(m['pixel'])}  AUPRO {m['pixel']['aupro']:.4f}")
+    for key, s in (m.get("seeds") or {}).items():
+        if isinstance(s, dict):
+            lines.append(f"{key} over {len(s['values'])} checkpoints: {s['mean']:.4f} +- {s['std']:.4f}")
+    if m["calibration"]["method"]:
+        lines.append(f"calibration ECE {m['calibration']['ece']:.4f} (fitted on {m['calibration']['fitted_on']})")
+    for name, op in m["operating_points"].items():
+        lines.append(f"{name}: threshold {op['threshold']:.4f}  sensitivity {op['sensitivity']:.3f}  "
+                     f"specificity {op['specificity']:.3f}")
+    print("\n".join(lines))
+
+
 def main(args):
     if not args.zero_shot and not args.ckpt:
         raise CheckpointError("give --ckpt FILE, or --zero-shot")
+    if not 0 <= args.calib_split < 1 or (args.calib_split and args.images):
+        raise ValueError("--calib-split takes a fraction in [0, 1) of a labelled test set (not --images)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    ckpt = None if args.zero_shot else load_checkpoint(args.ckpt)
-    clip, det, layers, cond = build_model(args, ckpt)
-    clip, det = clip.to(device), det.to(device)
-    cfg = {} if args.zero_shot else ckpt["config"]
+    paths = [] if args.zero_shot else args.ckpt
+    ckpts = [load_checkpoint(p) for p in paths]
+    if ckpts:
+        check_request(ckpts, paths, args)
+    clip, layers, cond = load_backbone(args, ckpts)
+    dets = [load_detector(clip, layers, c, p).to(device) for c, p in zip(ckpts, paths)] or \
+           [load_detector(clip, layers, None, None).to(device)]
+    clip = clip.to(device)
+    cfg = ckpts[0]["config"] if ckpts else {}
     if args.images:
         records, name = data.list_images(args.images), os.path.abspath(args.images)
     else:
         name = args.data or cfg.get("data") or "brainmri"
         records = data.load_split(name, args.data_root or cfg.get("data_root") or "data", "test")
-    out = args.out or (os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt else "results")
+    out = args.out or (os.path.dirname(os.path.abspath(paths[0])) if paths else "results")
     os.makedirs(out, exist_ok=True)
 
-    maps, scores, masks = predict(records, clip, det, layers, args, device)
-
-    with open(os.path.join(out, "scores.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["name", "label", "class", "score"])
-        w.writerows([r["name"], r["label"], r["cls"], f"{s:.6f}"] for r, s in zip(records, scores))
-    order = np.argsort(-scores, kind="stable")
+    maps, member_scores, masks = predict(records, clip, dets, layers, args, device)   # (M, N, S, S), (M, N)
+    score = member_scores.mean(0)                                                      # the ensemble: mean score
+    labels, classes = np.array([r["label"] for r in records]), np.array([r["cls"] for r in records])
+    fit = np.zeros(len(labels), bool)                    # images used to fit the calibration, left out of the report
+    if args.calib_split:
+        fit = split_for_calibration(labels, args.calib_split, args.seed)
+    probs, fit_probs, fit_labels, cal = calibrate(member_scores, labels, fit, ckpts, args)
+    thresholds = {} if probs is None else {
+        "p>=0.5": 0.5,
+        f"sensitivity>={args.target_sensitivity:g}": threshold_for_sensitivity(fit_probs, fit_labels,
+                                                                               args.target_sensitivity)}
+    write_scores(os.path.join(out, "scores.csv"), records, member_scores, probs, thresholds, fit)
+    mean_map = maps[0] if len(dets) == 1 else maps.mean(0, dtype=np.float32).astype(np.float16)   # (N, S, S)
+    order = np.argsort(-score, kind="stable")
     picks = order[np.linspace(0, len(order) - 1, min(args.overlays, len(order))).round().astype(int)]
     for rank, i in enumerate(picks):
-        image, _ = data.load_images([records[i]], maps.shape[-1])
+        image, _ = data.load_images([records[i]], mean_map.shape[-1])
         safe = records[i]["name"].replace("/", "_").replace("\\", "_")
-        write_overlay(os.path.join(out, f"overlay_{rank:02d}_{safe}.png"), image[0], maps[i].astype(np.float32),
+        write_overlay(os.path.join(out, f"overlay_{rank:02d}_{safe}.png"), image[0], mean_map[i].astype(np.float32),
                       masks[i])
     print(f"wrote {out}/scores.csv and {len(picks)} overlays")
     if args.images:
         return None
 
-    metrics = dict(dataset=name, split="test", **compute_metrics(records, maps, scores, masks),
-                   conditions=dict(cond, image_score="max" if args.topk <= 0 else f"top{args.topk}",
-                                   code_version=code_version()))
+    # every number below is on the reported images: the test set less any --calib-split fit images
+    keep = ~fit
+    rec, y, cls = [r for r, k in zip(records, keep) if k], labels[keep], classes[keep]
+    metrics = dict(dataset=name, split="test", reported_on=dict(images=int(keep.sum()),
+                                                                left_out_for_calibration=int(fit.sum())))
+    metrics.update(compute_metrics(rec, mean_map[keep], score[keep], masks[keep], args.bootstrap, args.seed))
+    metrics["bootstrap"] = dict(resamples=args.bootstrap, seed=args.seed, interval="percentile 95%",
+                                resampling="images with replacement, within the normal and the anomalous ones")
+    metrics["seeds"] = metrics["most_uncertain"] = None
+    if len(dets) > 1:  # each checkpoint alone, mean +- std; and the images the checkpoints disagree on most
+        members = [compute_metrics(rec, maps[j][keep], member_scores[j][keep], masks[keep]) for j in range(len(dets))]
+        metrics["seeds"] = dict(summarise_members(members), note="each checkpoint alone; the headline numbers "
+                                "are the ensemble's (mean score over checkpoints)")
+        spread = member_scores[:, keep].std(0, ddof=1)
+        metrics["most_uncertain"] = [dict(name=rec[i]["name"], label=int(y[i]), cls=rec[i]["cls"],
+                                          score=float(score[keep][i]), score_std=float(spread[i]))
+                                     for i in np.argsort(-spread, kind="stable")[:10]]
+    metrics["calibration"], metrics["operating_points"] = cal, {}
+    if probs is not None:
+        p = probs[keep]
+        cal.update(ece=ece(p, y), ece_on_fit_data=ece(fit_probs, fit_labels), brier=float(np.mean((p - y) ** 2)),
+                   bins=ECE_BINS, reliability_png="reliability.png")
+        plot_reliability(os.path.join(out, "reliability.png"), p, y, cal["fitted_on"])
+        for key, t in thresholds.items():
+            op = operating_point(p, y, cls, t)
+            op.update(set_on=cal["fitted_on"], sensitivity_on_fit_data=float((fit_probs[fit_labels == 1] >= t).mean()))
+            metrics["operating_points"][key] = op
+    plot_roc(os.path.join(out, "roc.png"), score[keep], y, cls, metrics, metrics["operating_points"])
+    metrics["conditions"] = dict(cond, test_data=name, image_score="max" if args.topk <= 0 else f"top{args.topk}",
+                                 code_version=code_version())
     if cond["random_init"]:
         metrics["warning"] = "random backbone weights: these numbers say nothing about the method"
     write_json(metrics, os.path.join(out, "metrics.json"))
-    px = metrics["pixel"]
-    print(f"image AUROC {metrics['image']['auroc']:.4f}  AP {metrics['image']['ap']:.4f}" +
-          (f"  pixel AUROC {px['auroc']:.4f}  AUPRO {px['aupro']:.4f}" if px else "") +
-          f"\nwrote {os.path.join(out, 'metrics.json')}")
+    print_summary(metrics)
+    print(f"wrote {os.path.join(out, 'metrics.json')}, roc.png" + (", reliability.png" if probs is not None else ""))
     return metrics
 
 

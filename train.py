@@ -41,6 +41,7 @@ from baselines import pixel_tasks
 
 FORMAT_VERSION = 1
 SYNTH_MODES = ("deviation", "latent-noise", "mediclip", "pixel-noise", "mix")
+CAL_TOP = 256  # anomaly-map values kept per calibration image: any image score up to evaluate.py --topk 256
 
 
 def parse_args(argv=None):
@@ -121,6 +122,37 @@ def build_trainables(config, clip):
                                     config["token_hw"], len(config["layers"]))
     det = mediclip.build_mediclip(clip, len(config["layers"]))
     return eta, proj, det
+
+
+def synthesise_latent(z0, fg, eta, abar, args, gen, grad=False):
+    """z_anom = z_n + C (1 - m_s) eta_pred (deviation; eta=None: C (1 - m_s) n, the latent-noise control) and m_s.
+    eta_pred is eta_theta's one-step prediction from a masked forward of z_n, whose mask is the anomaly's."""
+    B, (h, w), device = len(z0), z0.shape[-2:], z0.device
+    C = (args.C[0] + (args.C[1] - args.C[0]) * torch.rand(B, generator=gen)).to(device)
+    if args.synth_mask == "blobs":
+        m_s = deviation.sample_blob_mask(fg, gen)
+    else:
+        m_s = deviation.sample_patch_mask(B, h, w, gen, device)[0]
+    n_s = torch.randn(z0.shape, generator=gen).to(device)
+    if eta is None:
+        return deviation.synthesise(z0, m_s, C, n=n_s), m_s
+    t_s = torch.randint(deviation.T, (B,), generator=gen).to(device)
+    x_s, _ = deviation.masked_forward(z0, m_s, t_s, n_s, abar)
+    # by default the detector cannot reward eta_theta: a generator trained against the detector learns to make
+    # the anomalies that are easiest to detect, not plausible ones
+    with contextlib.nullcontext() if grad else torch.no_grad():
+        eta_pred = eta(x_s, t_s)
+    return deviation.synthesise(z0, m_s, C, eta_pred=eta_pred), m_s
+
+
+@torch.no_grad()
+def score_tops(det, text, S, n, tokens_of, batch):
+    """The CAL_TOP largest anomaly-map values (descending) of n images, whose tokens tokens_of(slice) gives."""
+    tops = []
+    for i in range(0, n, batch):
+        probs = det(tokens_of(slice(i, min(i + batch, n))), text, S)             # (b, 2, S, S)
+        tops.append(probs[:, 1].flatten(1).topk(CAL_TOP, dim=1).values.float().cpu())
+    return torch.cat(tops)                                                      # (n, CAL_TOP)
 
 
 def code_version():
@@ -230,22 +262,7 @@ def main(args):
             loss_deco = F.mse_loss(eta(x_t, t), eta_target)
 
         if uses_latent:  # 2. synthesis: z_anom = z_n + C (1 - m_s) eta_pred (or n), label = 1 - m_s
-            C = (args.C[0] + (args.C[1] - args.C[0]) * torch.rand(B, generator=gen)).to(device)
-            if args.synth_mask == "blobs":
-                m_s = deviation.sample_blob_mask(fg_b, gen)
-            else:
-                m_s = deviation.sample_patch_mask(B, h, w, gen, device)[0]
-            n_s = torch.randn(z0.shape, generator=gen).to(device)
-            if uses_eta:
-                t_s = torch.randint(deviation.T, (B,), generator=gen).to(device)
-                x_s, _ = deviation.masked_forward(z0, m_s, t_s, n_s, abar)
-                # by default the detector cannot reward eta_theta: a generator trained against the detector
-                # learns to make the anomalies that are easiest to detect, not plausible ones
-                with contextlib.nullcontext() if args.det_trains_eta else torch.no_grad():
-                    eta_pred = eta(x_s, t_s)
-                z_anom = deviation.synthesise(z0, m_s, C, eta_pred=eta_pred)
-            else:
-                z_anom = deviation.synthesise(z0, m_s, C, n=n_s)
+            z_anom, m_s = synthesise_latent(z0, fg_b, eta if uses_eta else None, abar, args, gen, args.det_trains_eta)
 
             # 3. project into CLIP token space; keep P aligned with the real tokens of the same views
             projected = proj(torch.cat([z_anom, z0]))                         # list of (2B, D, H, W)
@@ -292,6 +309,21 @@ def main(args):
             first = first or row
     log.close()
 
+    # ---- calibration set: what a few-shot user has, scored by the trained detector. Every view of the shots
+    # (normal; the detector has trained on them, so their scores are optimistic) and as many fresh synthetic
+    # anomalies of the kind it trained on, from their own generator. evaluate.py fits Platt scaling on it.
+    cal_gen, n = torch.Generator().manual_seed(args.seed + 1), len(views)
+    with torch.no_grad():
+        text = det.text_features(text_tower)
+    cal_normal = score_tops(det, text, S, n, lambda s: [t[s] for t in real], B)
+    cal_anomalous, n_each = [], n // (int(uses_latent) + int(uses_bank))
+    if uses_latent:
+        cal_anomalous.append(score_tops(det, text, S, n_each, lambda s: proj(synthesise_latent(
+            z_n[s], fg[s], eta if uses_eta else None, abar, args, cal_gen)[0]), B))
+    if uses_bank:
+        cal_anomalous.append(score_tops(det, text, S, min(n_each, len(bank_masks)), lambda s: [b[s] for b in bank], B))
+    calibration = dict(normal=cal_normal, anomalous=torch.cat(cal_anomalous), data=args.data, synth=args.synth)
+
     # ---- save
     ckpt = {
         "format_version": FORMAT_VERSION,
@@ -300,6 +332,7 @@ def main(args):
         "seed": args.seed,
         "latent_mean": z_mean.cpu().tolist(), "latent_std": z_std.cpu().tolist(),
         "state_dicts": {"eta": eta.state_dict(), "projection": proj.state_dict(), "mediclip": det.state_dict()},
+        "calibration": calibration,
         "stats": {"first": first, "last": row, "encode_s": encode_s, "train_s": time.time() - t0 - encode_s},
         "code_version": code_version(),
     }

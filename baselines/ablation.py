@@ -53,7 +53,8 @@ def run_one(args, data, k, mode, seed):
             train.main(train.parse_args(["--data", data, "--data-root", args.data_root, "--shots", str(k),
                                          "--seed", str(seed), "--synth", mode, "--out", folder] + args.train_args))
         evaluate.main(evaluate.parse_args(["--ckpt", ckpt, "--data", test, "--data-root", args.data_root,
-                                           "--out", os.path.dirname(metrics_path), "--overlays", "0"]))
+                                           "--out", os.path.dirname(metrics_path), "--overlays", "0",
+                                           "--bootstrap", "0"]))  # the table's spread is over seeds
     with open(metrics_path) as f:
         m = json.load(f)
     return dict(train_data=data, test_data=test, shots=k, mode=mode, seed=seed, image_auroc=m["image"]["auroc"],
@@ -64,7 +65,7 @@ def mean_std(values):
     values = [v for v in values if v is not None]
     if not values:
         return "-"
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
 def write_table(runs, modes, path):
@@ -77,7 +78,8 @@ def write_table(runs, modes, path):
             row.append(f"{mean_std([r['image_auroc'] for r in rs])} / {mean_std([r['pixel_auroc'] for r in rs])}"
                        f" (n={len(rs)})")
         lines.append(f"| {cell[0]} -> {cell[1]} | {cell[2]} | " + " | ".join(row) + " |")
-    lines.append("\nEach cell: image AUROC / pixel AUROC (- where the test set has no masks), mean ± std over seeds.")
+    lines.append("\nEach cell: image AUROC / pixel AUROC (- where the test set has no masks), mean ± sample std "
+                 "(ddof=1) over support-set seeds; n = number of seeds.")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 

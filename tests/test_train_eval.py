@@ -39,10 +39,20 @@ def test_evaluate_rebuilds_from_the_checkpoint(run, tmp_path):
     m = evaluate.main(evaluate.parse_args(["--ckpt", run, "--out", str(tmp_path), "--overlays", "2"]))
     assert 0 <= m["image"]["auroc"] <= 1 and 0 <= m["pixel"]["aupro"] <= 1
     assert set(m["per_class"]) == {"hyper", "hypo"}
-    assert m["conditions"]["shot_files"] == ["train/normal_13"] and m["conditions"]["random_init"]
+    assert m["conditions"]["shot_files"] == [["train/normal_13"]] and m["conditions"]["random_init"]
+    assert len(m["conditions"]["checkpoint_sha256"][0]) == 64 and m["conditions"]["test_data"] == "synthetic"
     assert "warning" in m
+    # the trust report: CIs, few-shot calibration, operating points
+    lo, hi = m["image"]["auroc_ci95"]
+    assert lo <= m["image"]["auroc"] <= hi and m["pixel"]["auroc_ci95"][0] <= m["pixel"]["auroc"]
+    assert m["calibration"]["method"] == "platt" and m["calibration"]["fitted_on"].startswith("few-shot")
+    assert m["calibration"]["n_normal"] == 4 and m["calibration"]["n_anomalous"] == 4   # 1 shot x 4 views
+    assert 0 <= m["calibration"]["ece"] <= 1 and set(m["operating_points"]) == {"p>=0.5", "sensitivity>=0.95"}
+    op = m["operating_points"]["sensitivity>=0.95"]
+    assert op["sensitivity_on_fit_data"] >= 0.95 and set(op["per_class"]) == {"normal", "hyper", "hypo"}
     files = os.listdir(tmp_path)
-    assert "metrics.json" in files and "scores.csv" in files and sum(f.endswith(".png") for f in files) == 2
+    assert {"metrics.json", "scores.csv", "roc.png", "reliability.png"} <= set(files)
+    assert sum(f.startswith("overlay_") for f in files) == 2
     assert len(open(tmp_path / "scores.csv").read().splitlines()) == 1 + 24
 
 
