@@ -357,8 +357,10 @@ def calibrate(member_scores, labels, fit, ckpts, args):
     fit_probs = np.concatenate([apply_platt(s, ab) for (s, _), ab in zip(sets, params)])
     fit_labels = np.concatenate([y for _, y in sets])
     cfg = ckpts[0]["config"]
-    info = dict(method="platt", fitted_on=f"few-shot: the views of the {cfg['shots']} shot(s) and synthetic "
-                f"'{cfg['synth']}' anomalies from {cfg['data']} (see train.py); no test label was used",
+    whose = "its own" if len(ckpts) == 1 else f"each of the {len(ckpts)} checkpoints' own"
+    info = dict(method="platt", fitted_on=f"few-shot ({whose} calibration set: the views of the {cfg['shots']} "
+                f"shot(s) and synthetic '{cfg['synth']}' anomalies from {cfg['data']}, see train.py); no test label "
+                f"was used",
                 n_normal=int((fit_labels == 0).sum()), n_anomalous=int(fit_labels.sum()), params=params)
     return probs, fit_probs, fit_labels, info
 
@@ -427,11 +429,11 @@ def plot_reliability(path, probs, labels, fitted_on, bins=ECE_BINS):
     fig = Figure(figsize=(5, 6))
     ax, hx = fig.subplots(2, 1, sharex=True, gridspec_kw=dict(height_ratios=[3, 1]))
     ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
-    ax.plot(mean_p, frac, "o-", label="test images")
+    ax.plot(mean_p, frac, "o-", label="test images (per bin)")
     ax.set(ylabel="fraction anomalous", ylim=(0, 1), title=f"ECE {ece(probs, labels, bins):.3f} on {len(probs)} "
            f"test images ({bins} bins)\n" + textwrap.fill(f"Platt scaling fitted on {fitted_on}", 70))
     ax.title.set_fontsize(8)
-    ax.legend(loc="upper left", fontsize=7)
+    ax.legend(loc="lower right", fontsize=7)
     hx.bar((np.arange(bins) + 0.5) / bins, n, width=1 / bins, edgecolor="white")
     hx.set(xlabel="calibrated P(anomalous)", ylabel="images", xlim=(0, 1))
     fig.savefig(path, dpi=120, bbox_inches="tight")

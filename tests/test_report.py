@@ -8,6 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 import evaluate
 import train
+from conftest import TINY_CLIP
 from test_train_eval import TINY
 
 
@@ -141,3 +142,16 @@ def test_ensemble_of_different_backbones_is_refused(two_seeds, tmp_path):
     with pytest.raises(evaluate.CheckpointError, match="other.pt: its layers"):
         evaluate.main(evaluate.parse_args(["--ckpt", two_seeds[0], str(tmp_path / "other.pt"), "--out",
                                            str(tmp_path)]))
+
+
+def test_conditions_name_a_weights_file_by_its_checksum(tiny_clip, tmp_path):
+    import hashlib
+    path = tmp_path / "clip.pt"
+    torch.save(tiny_clip.state_dict(), path)
+    m = evaluate.main(evaluate.parse_args(["--zero-shot", "--clip", TINY_CLIP, "--clip-weights", str(path),
+                                           "--data", "synthetic", "--out", str(tmp_path / "e"), "--overlays", "0",
+                                           "--bootstrap", "0"]))
+    c = m["conditions"]
+    assert c["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and not c["random_init"]
+    assert c["weights"] == f"file {path}" and "warning" not in m and m["calibration"]["method"] is None
+    assert "auroc_ci95" not in m["image"] and m["operating_points"] == {}
