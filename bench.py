@@ -44,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, default=16, help="images for the cache-build and evaluation timings")
     p.add_argument("--views", type=int, default=16, help="views per shot of the train.py runs")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: the default)")
+    p.add_argument("--bf16", action="store_true", help="time train.py --bf16 (the MediCLIP-style loop stays fp32)")
     p.add_argument("--out", default="bench.json", help="where the figures go")
     args = p.parse_args(argv)
     if args.quick:
@@ -120,7 +121,7 @@ def bench_backbone(name, args, tmp):
     path = train.main(train.parse_args(["--data", "synthetic", "--shots", "1", "--random-init", "--clip", name,
                                         "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                                         "--views", str(args.views), "--eta-warmup", "0",
-                                        "--out", os.path.join(tmp, name)]))
+                                        "--out", os.path.join(tmp, name)] + (["--bf16"] if args.bf16 else [])))
     row["train_run_s"] = time.perf_counter() - t
     stats = torch.load(path, weights_only=True)["stats"]
     row["train_step_s"] = stats["train_s"] / args.steps

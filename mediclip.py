@@ -128,6 +128,7 @@ def image_scores(probs, topk=0):
 
 def focal_loss(probs, mask, gamma=2.0, smooth=1e-5):
     """Focal loss (Lin et al. 2017) on two-class probabilities (B, 2, S, S) and a binary mask (B, 1, S, S)."""
+    probs = probs.float()                                                    # losses in fp32, also under autocast
     target = torch.cat([1 - mask, mask], dim=1).clamp(smooth, 1 - smooth)  # smoothed one-hot, as MediCLIP
     pt = (target * probs).sum(dim=1) + smooth
     return (-(1 - pt) ** gamma * pt.log()).mean()
@@ -135,5 +136,5 @@ def focal_loss(probs, mask, gamma=2.0, smooth=1e-5):
 
 def dice_loss(probs, mask, smooth=1.0):
     """1 - Dice between the abnormal probability map and the mask, averaged over the batch."""
-    p, m = probs[:, 1].flatten(1), mask.flatten(1)
+    p, m = probs[:, 1].flatten(1).float(), mask.flatten(1)
     return 1 - ((2 * (p * m).sum(1) + smooth) / (p.sum(1) + m.sum(1) + smooth)).mean()

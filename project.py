@@ -57,5 +57,5 @@ def build_projection(preset, latent_channels, token_dim, token_hw, n_layers):
 
 def alignment_loss(projected, tokens):
     """1 - cosine similarity per token, averaged over tokens and layers; also returns the mean cosine."""
-    cos = torch.stack([F.cosine_similarity(p, t, dim=1).mean() for p, t in zip(projected, tokens)]).mean()
+    cos = torch.stack([F.cosine_similarity(p.float(), t, dim=1).mean() for p, t in zip(projected, tokens)]).mean()
     return 1 - cos, cos.detach()

@@ -87,6 +87,9 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=10, help="log every loss term every N steps")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for every forward, frozen and trainable, "
+                   "on CPU too (default: fp32, but bf16 for the frozen forwards on CUDA); ~1.4-1.9x faster steps "
+                   "on a CPU with avx512_bf16")
     return p.parse_args(argv)
 
 
@@ -98,10 +101,10 @@ def pick_device(name):
     return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
-def frozen_autocast(device):
-    """bf16 autocast for the frozen forwards on CUDA; full precision elsewhere."""
-    if device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+def frozen_autocast(device, bf16=False):
+    """bf16 autocast: for the frozen forwards on CUDA always; with bf16=True (--bf16) on the CPU too."""
+    if device.type == "cuda" or (bf16 and device.type == "cpu"):
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
 
@@ -188,7 +191,9 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    autocast = frozen_autocast(device)
+    autocast = frozen_autocast(device, args.bf16)
+    # --bf16: the trainables' forwards too (fp32 master weights and losses); without it they run in fp32
+    step_autocast = frozen_autocast(device, True) if args.bf16 else contextlib.nullcontext
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)  # every random draw of the loop, on the CPU: reproducible
     out = args.out or os.path.join("runs", f"{os.path.basename(args.data.rstrip('/'))}-k{args.shots}-s{args.seed}")
@@ -248,45 +253,47 @@ def main(args):
     B, S = args.batch_size, image_size
     zero = torch.zeros((), device=device)
     for step in (bar := tqdm(range(1, args.steps + 1), desc="train", dynamic_ncols=True)):
-        idx = train_idx[torch.randint(len(train_idx), (B,), generator=gen)]
-        z0, tok, fg_b = z_n[idx], [t[idx] for t in real], fg[idx]
-        h, w = z0.shape[-2:]
-        warm = uses_eta and step <= args.eta_warmup
-        anomalies, labels, normals = [], [], [tok]   # token lists (one tensor per layer) and their masks
-        loss_deco = loss_align = cos = zero
+        with step_autocast():
+            idx = train_idx[torch.randint(len(train_idx), (B,), generator=gen)]
+            z0, tok, fg_b = z_n[idx], [t[idx] for t in real], fg[idx]
+            h, w = z0.shape[-2:]
+            warm = uses_eta and step <= args.eta_warmup
+            anomalies, labels, normals = [], [], [tok]   # token lists (one tensor per layer) and their masks
+            loss_deco = loss_align = cos = zero
 
-        if uses_eta:  # 1. DeCo-Diff masked forward process: eta_theta learns to predict the deviation
-            m, s = deviation.sample_patch_mask(B, h, w, gen, device)
-            t = torch.randint(deviation.T, (B,), generator=gen).to(device)
-            x_t, eta_target = deviation.masked_forward(z0, m, t, deviation.sample_noise(z0, s, gen), abar)
-            loss_deco = F.mse_loss(eta(x_t, t), eta_target)
+            if uses_eta:  # 1. DeCo-Diff masked forward process: eta_theta learns to predict the deviation
+                m, s = deviation.sample_patch_mask(B, h, w, gen, device)
+                t = torch.randint(deviation.T, (B,), generator=gen).to(device)
+                x_t, eta_target = deviation.masked_forward(z0, m, t, deviation.sample_noise(z0, s, gen), abar)
+                loss_deco = F.mse_loss(eta(x_t, t).float(), eta_target)
 
-        if uses_latent:  # 2. synthesis: z_anom = z_n + C (1 - m_s) eta_pred (or n), label = 1 - m_s
-            z_anom, m_s = synthesise_latent(z0, fg_b, eta if uses_eta else None, abar, args, gen, args.det_trains_eta)
+            if uses_latent:  # 2. synthesis: z_anom = z_n + C (1 - m_s) eta_pred (or n), label = 1 - m_s
+                z_anom, m_s = synthesise_latent(z0, fg_b, eta if uses_eta else None, abar, args, gen,
+                                                args.det_trains_eta)
 
-            # 3. project into CLIP token space; keep P aligned with the real tokens of the same views
-            projected = proj(torch.cat([z_anom, z0]))                         # list of (2B, D, H, W)
-            loss_align, cos = project.alignment_loss([p[B:] for p in projected], tok)
-            normals.append([p[B:] for p in projected])
-            if not warm:  # eta_theta's output is used only after its warm-up
-                anomalies.append([p[:B] for p in projected])
-                labels.append(F.interpolate(1 - m_s, size=(S, S), mode="nearest"))   # (B, 1, S, S)
+                # 3. project into CLIP token space; keep P aligned with the real tokens of the same views
+                projected = proj(torch.cat([z_anom, z0]))                         # list of (2B, D, H, W)
+                loss_align, cos = project.alignment_loss([p[B:] for p in projected], tok)
+                normals.append([p[B:] for p in projected])
+                if not warm:  # eta_theta's output is used only after its warm-up
+                    anomalies.append([p[:B] for p in projected])
+                    labels.append(F.interpolate(1 - m_s, size=(S, S), mode="nearest"))   # (B, 1, S, S)
 
-        if uses_bank:  # pixel-space anomalies, encoded by the frozen CLIP once before the loop
-            j = torch.randint(len(bank_masks), (B,), generator=gen)
-            anomalies.append([b[j] for b in bank])
-            labels.append(bank_masks[j])
+            if uses_bank:  # pixel-space anomalies, encoded by the frozen CLIP once before the loop
+                j = torch.randint(len(bank_masks), (B,), generator=gen)
+                anomalies.append([b[j] for b in bank])
+                labels.append(bank_masks[j])
 
-        # 4. detect: synthetic anomalies, then normals (projected and real CLIP tokens) with all-zero masks
-        loss_focal = loss_dice = zero
-        if anomalies:
-            parts = anomalies + normals
-            tokens = [torch.cat([p[i] for p in parts]) for i in range(len(layers))]  # each (nB, D, H, W)
-            masks = torch.cat(labels + [torch.zeros(B * len(normals), 1, S, S, device=device)])
-            maps = det(tokens, det.text_features(text_tower), S)             # (nB, 2, S, S)
-            loss_focal, loss_dice = mediclip.focal_loss(maps, masks), mediclip.dice_loss(maps, masks)
+            # 4. detect: synthetic anomalies, then normals (projected and real CLIP tokens) with all-zero masks
+            loss_focal = loss_dice = zero
+            if anomalies:
+                parts = anomalies + normals
+                tokens = [torch.cat([p[i] for p in parts]) for i in range(len(layers))]  # each (nB, D, H, W)
+                masks = torch.cat(labels + [torch.zeros(B * len(normals), 1, S, S, device=device)])
+                maps = det(tokens, det.text_features(text_tower), S)             # (nB, 2, S, S)
+                loss_focal, loss_dice = mediclip.focal_loss(maps, masks), mediclip.dice_loss(maps, masks)
 
-        loss = args.w1 * (loss_focal + loss_dice) + args.w2 * loss_deco + args.w3 * loss_align
+            loss = args.w1 * (loss_focal + loss_dice) + args.w2 * loss_deco + args.w3 * loss_align
         terms = dict(focal=loss_focal.item(), dice=loss_dice.item(), deco=loss_deco.item(), align=loss_align.item(),
                      total=loss.item())
         check_finite(step, terms)
@@ -308,6 +315,7 @@ def main(args):
                             cos=f"{held_cos:.3f}")
             first = first or row
     log.close()
+    train_s = time.time() - t0 - encode_s
 
     # ---- calibration set: what a few-shot user has, scored by the trained detector. Every view of the shots
     # (normal; the detector has trained on them, so their scores are optimistic) and as many fresh synthetic
@@ -323,6 +331,7 @@ def main(args):
     if uses_bank:
         cal_anomalous.append(score_tops(det, text, S, min(n_each, len(bank_masks)), lambda s: [b[s] for b in bank], B))
     calibration = dict(normal=cal_normal, anomalous=torch.cat(cal_anomalous), data=args.data, synth=args.synth)
+    calib_s = time.time() - t0 - encode_s - train_s
 
     # ---- save
     ckpt = {
@@ -333,7 +342,7 @@ def main(args):
         "latent_mean": z_mean.cpu().tolist(), "latent_std": z_std.cpu().tolist(),
         "state_dicts": {"eta": eta.state_dict(), "projection": proj.state_dict(), "mediclip": det.state_dict()},
         "calibration": calibration,
-        "stats": {"first": first, "last": row, "encode_s": encode_s, "train_s": time.time() - t0 - encode_s},
+        "stats": {"first": first, "last": row, "encode_s": encode_s, "train_s": train_s, "calib_s": calib_s},
         "code_version": code_version(),
     }
     path = os.path.join(out, "run.pt")

@@ -125,3 +125,10 @@ def test_interrupted_save_keeps_the_previous_checkpoint(run, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         train.save_checkpoint({"format_version": 1}, str(path))
     assert path.read_bytes() == open(run, "rb").read() and os.listdir(tmp_path) == ["run.pt"]
+
+
+def test_bf16_autocast_trains_with_finite_losses(tmp_path):
+    path = train.main(train.parse_args(TINY + ["--bf16", "--out", str(tmp_path)]))
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["config"]["bf16"] and all(np.isfinite(v) for v in ckpt["stats"]["last"].values())
+    assert all(v.dtype == torch.float32 for v in ckpt["state_dicts"]["mediclip"].values() if v.is_floating_point())
