@@ -6,9 +6,9 @@ seeds for every mode; each checkpoint is evaluated, and the cells are summarised
         --out runs/ablation -- --random-init --clip ViT-B-16 --steps 100
 
 Everything after `--` goes to train.py unchanged. Resumable: a run whose metrics.json exists is skipped, and a
-run whose checkpoint exists is only evaluated. `--test-data NAME` evaluates every checkpoint on another dataset
-(a cross-dataset cell). Writes <out>/table.md (image and pixel AUROC per cell) and <out>/runs.json (every run
-with its full configuration and metrics).
+run whose checkpoint exists is only evaluated; `--report-only` tabulates the runs finished so far and runs nothing.
+`--test-data NAME` evaluates every checkpoint on another dataset (a cross-dataset cell). Writes <out>/table.md
+(image and pixel AUROC per cell) and <out>/runs.json (every run with its full configuration and metrics).
 """
 import argparse
 import json
@@ -37,6 +37,8 @@ def parse_args(argv=None):
                    help="synthesis modes to compare")
     # run
     p.add_argument("--out", default="runs/ablation", help="folder of all runs, the table and the JSON")
+    p.add_argument("--report-only", action="store_true", help="train and evaluate nothing: the table of the runs "
+                   "finished so far (a protocol that spans several sessions)")
     args = p.parse_args(argv)
     args.train_args = extra
     return args
@@ -47,6 +49,8 @@ def run_one(args, data, k, mode, seed):
     folder = os.path.join(args.out, data, f"k{k}", mode, f"s{seed}")
     test = args.test_data or data
     metrics_path = os.path.join(folder, f"eval-{test}", "metrics.json")
+    if not os.path.isfile(metrics_path) and args.report_only:
+        return None
     if not os.path.isfile(metrics_path):
         ckpt = os.path.join(folder, "run.pt")
         if not os.path.isfile(ckpt):
@@ -88,6 +92,7 @@ def main(args):
     os.makedirs(args.out, exist_ok=True)
     runs = [run_one(args, d, k, mode, seed)
             for d in args.datasets for k in args.shots for seed in args.seeds for mode in args.modes]
+    runs = [r for r in runs if r is not None]
     evaluate.write_json(dict(train_args=args.train_args, runs=runs), os.path.join(args.out, "runs.json"))
     write_table(runs, args.modes, os.path.join(args.out, "table.md"))
     print(open(os.path.join(args.out, "table.md")).read())

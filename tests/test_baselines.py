@@ -33,4 +33,8 @@ def test_ablation_table_and_resume(monkeypatch, tmp_path):
     # a second call finds every run done and trains nothing
     monkeypatch.setattr(train, "main", lambda args: (_ for _ in ()).throw(AssertionError("retrained")))
     assert len(ablation.main(ablation.parse_args(argv))) == 4
+    # --report-only tabulates what is finished and runs nothing for the rest
+    report = ["--datasets", "synthetic", "--shots", "1", "--seeds", "0", "1", "2", "--modes", "deviation",
+              "pixel-noise", "--out", str(tmp_path), "--report-only"]
+    assert len(ablation.main(ablation.parse_args(report))) == 4
     assert os.path.isdir(tmp_path / "synthetic" / "k1" / "pixel-noise" / "s1")
