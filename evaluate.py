@@ -341,7 +341,9 @@ def calibrate(member_scores, labels, fit, ckpts, args):
     """Calibrated P(anomalous) of every image, and the probabilities and labels of the data it was fitted on.
     --calib-split: one Platt fit on the (mean) score of the labelled test images in `fit`. Otherwise each
     checkpoint's own few-shot set, the members' probabilities averaged as in a deep ensemble. None if neither."""
-    if fit.any():
+    if args.calib_split:
+        if len(set(labels[fit])) < 2:
+            raise ValueError(f"--calib-split {args.calib_split} leaves no normal or no anomalous image to fit on")
         s = member_scores.mean(0)
         ab = fit_platt(s[fit], labels[fit])
         info = dict(method="platt", fitted_on=f"labelled test fraction {args.calib_split} (seed {args.seed}), "
@@ -574,6 +576,8 @@ def main(args):
             op = operating_point(p, y, cls, t)
             op.update(set_on=cal["fitted_on"], sensitivity_on_fit_data=float((fit_probs[fit_labels == 1] >= t).mean()))
             metrics["operating_points"][key] = op
+    # the ROC is of the (mean) score; an ensemble's operating points are on the mean calibrated probability, so
+    # they may sit just off its curve
     plot_roc(os.path.join(out, "roc.png"), score[keep], y, cls, metrics, metrics["operating_points"])
     metrics["conditions"] = dict(cond, test_data=name, image_score="max" if args.topk <= 0 else f"top{args.topk}",
                                  code_version=code_version())

@@ -155,3 +155,8 @@ def test_conditions_name_a_weights_file_by_its_checksum(tiny_clip, tmp_path):
     assert c["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and not c["random_init"]
     assert c["weights"] == f"file {path}" and "warning" not in m and m["calibration"]["method"] is None
     assert "auroc_ci95" not in m["image"] and m["operating_points"] == {}
+
+
+def test_calib_split_too_small_to_fit_is_refused(two_seeds, tmp_path):
+    with pytest.raises(ValueError, match="leaves no normal or no anomalous"):
+        evaluate.main(evaluate.parse_args(["--ckpt", two_seeds[0], "--calib-split", "0.01", "--out", str(tmp_path)]))
