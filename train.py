@@ -9,6 +9,7 @@ Train a one-shot MediCLIP detector on anomalies *learned* in MedVAE latent space
          maps          = MediCLIP(P(z_anom)), MediCLIP(P(z_n)), MediCLIP(CLIP tokens)   masks: 1 - m, 0, 0
          L_det         = focal + dice                                 L_align = 1 - cos(P(z_n), CLIP tokens)
          total         = w1 L_det + w2 L_deco + w3 L_align
+    -> calibration set: the shots' views and as many fresh synthetic anomalies, scored (evaluate.py's Platt fit)
     -> save one checkpoint (atomically) and print the evaluate command.
 Baselines (--synth mediclip | pixel-noise | mix) add anomalies synthesised in pixel space: a bank of --bank views,
 encoded by the frozen CLIP once before the loop, like the normal views (baselines/pixel_tasks.py).
