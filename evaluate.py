@@ -21,6 +21,9 @@ Reports what a clinical evaluation needs, not one number (written into --out, de
 - several --ckpt (one per support-set seed): mean +- std of every metric over them, the ensemble (mean score,
   mean calibrated probability) as the headline, each image's score spread in scores.csv and the most uncertain.
 - scores.csv (one row per image), roc.png, and a few overlays (image | anomaly map | mask).
+
+This file is the pipeline: checkpoints -> model -> maps and scores -> report files. The maths lives beside it:
+metrics.py (AUROC, AP, AUPRO, bootstrap CIs, ROC figure) and calibration.py (Platt, ECE, operating points).
 """
 import argparse
 import csv
@@ -29,22 +32,18 @@ import json
 import os
 import pickle
 import sys
-import textwrap
 
 import numpy as np
 import torch
 from PIL import Image
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from tqdm import tqdm
 
+import calibration
 import data
 import encode
 import mediclip
+import metrics
 from train import FORMAT_VERSION, code_version, frozen_autocast, pick_device, resolve_layers
-
-ECE_BINS = 15  # Guo et al. 2017
-
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, unsafe, of another format or for another model."""
@@ -178,152 +177,8 @@ def predict(records, clip, dets, layers, args, device):
             torch.cat(masks).numpy())
 
 
-# ---------------------------------------------------------------------------------------------- metrics
-def aupro(maps, masks, max_fpr=0.3):
-    """Area under the per-region-overlap curve up to max_fpr, normalised to [0, 1] (Bergmann et al. 2021),
-    for probability maps >= 0 (compared at float16 precision, as they are stored).
-    Exact and O(N log N): after sorting pixels by score, the mean overlap over R regions at each threshold is
-    the running sum of 1 / (R * |region|) over the anomalous pixels seen so far."""
-    from scipy.ndimage import label
-    regions, n = np.zeros(masks.shape, np.int32), 0
-    for i, m in enumerate(masks):
-        lab, k = label(m)
-        regions[i] = np.where(lab > 0, lab + n, 0)
-        n += k
-    if n == 0:
-        return float("nan")
-    codes = maps.astype(np.float16).view(np.uint16).ravel()      # scores >= 0: bit order is score order
-    order = np.argsort(codes, kind="stable")[::-1]                 # 16-bit keys: numpy uses a radix sort
-    s, reg = codes[order], regions.ravel()[order]
-    size = np.bincount(reg, minlength=n + 1)
-    fpr = np.cumsum(reg == 0) / size[0]
-    pro = np.cumsum(np.where(reg > 0, 1.0 / (n * size[reg]), 0.0))
-    last = np.r_[s[1:] != s[:-1], True]                             # one point per distinct threshold
-    fpr, pro = np.r_[0.0, fpr[last]], np.r_[0.0, pro[last]]
-    k = np.searchsorted(fpr, max_fpr, side="right")
-    x, y = np.r_[fpr[:k], max_fpr], np.r_[pro[:k], np.interp(max_fpr, fpr, pro)]
-    return float(((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2).sum() / max_fpr)
-
-
-def image_metrics(scores, labels):
-    return dict(auroc=float(roc_auc_score(labels, scores)), ap=float(average_precision_score(labels, scores)),
-                n=int(len(labels)), n_anomalous=int(labels.sum()))
-
-
-def count_pixels(maps, masks):
-    """Maps are float16, so there are at most 65536 distinct scores: count (score, label) pairs once and hand
-    sklearn the weighted points. Exact (ties are grouped by score either way) and ~100x faster on 37M pixels."""
-    codes = maps.astype(np.float16).view(np.uint16).ravel()
-    pos = np.bincount(codes[masks.ravel()], minlength=65536)
-    neg = np.bincount(codes[~masks.ravel()], minlength=65536)
-    values = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
-    y = np.r_[np.ones((pos > 0).sum()), np.zeros((neg > 0).sum())]
-    return y, np.r_[values[pos > 0], values[neg > 0]], np.r_[pos[pos > 0], neg[neg > 0]]
-
-
-def pixel_metrics(maps, masks):
-    y, s, w = count_pixels(maps, masks)
-    return dict(auroc=float(roc_auc_score(y, s, sample_weight=w)),
-                ap=float(average_precision_score(y, s, sample_weight=w)), aupro=aupro(maps, masks))
-
-
-def stratified_resamples(labels, n, rng):
-    """(n, N) bootstrap resamples of N images: drawn with replacement within the normal and within the
-    anomalous images, so every resample keeps the class counts and has an AUROC."""
-    groups = [np.flatnonzero(labels == v) for v in (0, 1)]
-    return np.concatenate([rng.choice(g, size=(n, len(g))) for g in groups], axis=1)
-
-
-def pixel_histograms(maps, masks):
-    """(N, 2, U) float32 counts of each image's normal [:, 0] and anomalous [:, 1] pixels at each of the U
-    distinct float16 scores present, in ascending score order: a resample's pixel AUROC is then a sum of rows."""
-    codes = maps.astype(np.float16).view(np.uint16).reshape(len(maps), -1)
-    lut = np.cumsum(np.bincount(codes.ravel(), minlength=65536) > 0) - 1   # code -> rank among present codes
-    hist = np.zeros((len(maps), 2, lut[-1] + 1), np.float32)
-    for i, (c, m) in enumerate(zip(lut[codes], masks.reshape(len(masks), -1))):
-        hist[i, 0], hist[i, 1] = np.bincount(c[~m], minlength=hist.shape[2]), np.bincount(c[m], minlength=hist.shape[2])
-    return hist
-
-
-def histogram_auroc(neg, pos):
-    """AUROC from (R, U) score histograms in ascending score order: P(s+ > s-) + P(s+ = s-) / 2 (Mann-Whitney)."""
-    below = np.cumsum(neg, axis=1, dtype=np.float64) - neg
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (pos * (below + 0.5 * neg)).sum(1) / (pos.sum(1, dtype=np.float64) * neg.sum(1, dtype=np.float64))
-
-
-def bootstrap_pixel_auroc(hist, resamples, chunk=50):
-    """Pixel AUROC of each resample of images; (R,) with nan where a resample has no anomalous pixel."""
-    out = []
-    for r in range(0, len(resamples), chunk):
-        w = np.stack([np.bincount(i, minlength=len(hist)) for i in resamples[r:r + chunk]]).astype(np.float32)
-        out.append(histogram_auroc(w @ hist[:, 0], w @ hist[:, 1]))  # (chunk, U) each
-    return np.concatenate(out)
-
-
-def ci95(values):
-    lo, hi = np.nanpercentile(values, [2.5, 97.5])
-    return [float(lo), float(hi)]
-
-
-def compute_metrics(records, maps, scores, masks, n_boot=0, seed=0):
-    """Image metrics always; pixel metrics when every anomalous image has a mask; both per anomaly class, and
-    with n_boot > 0 the percentile bootstrap 95% CI of each AUROC (the same image resamples for both)."""
-    labels = np.array([r["label"] for r in records])
-    classes = np.array([r["cls"] for r in records])
-    has_masks = all(r["mask_path"] is not None or r["mask"] is not None for r in records if r["label"] == 1)
-    hist = pixel_histograms(maps, masks) if has_masks and n_boot else None
-
-    def report(keep):
-        s, y = scores[keep], labels[keep]
-        image, pixel = image_metrics(s, y), pixel_metrics(maps[keep], masks[keep]) if has_masks else None
-        if n_boot:
-            idx = stratified_resamples(y, n_boot, np.random.default_rng(seed))
-            image["auroc_ci95"] = ci95([roc_auc_score(y[i], s[i]) for i in idx])
-            if pixel:
-                pixel["auroc_ci95"] = ci95(bootstrap_pixel_auroc(hist[keep], idx))
-        return image, pixel
-
-    out = dict(zip(("image", "pixel"), report(np.ones(len(labels), bool))), per_class={})
-    for c in sorted(set(classes[labels == 1])):
-        image, pixel = report((labels == 0) | (classes == c))       # the normals against one class
-        out["per_class"][c] = dict(image=image, pixel=pixel)
-    return out
-
-
-def summarise_members(members):
-    """Mean +- std (ddof=1) over checkpoints of every metric, e.g. over support-set seeds."""
-    def stats(get):
-        v = [get(m) for m in members]
-        v = [x for x in v if x is not None]
-        return dict(mean=float(np.mean(v)), std=float(np.std(v, ddof=1)), values=[float(x) for x in v]) if v else None
-    keys = [("image", "auroc"), ("image", "ap"), ("pixel", "auroc"), ("pixel", "ap"), ("pixel", "aupro")]
-    return {f"{a}_{b}": stats(lambda m: m[a][b] if m[a] else None) for a, b in keys}
-
-
 # ---------------------------------------------------------------------------------------------- calibration
-def logit(p, eps=1e-6):
-    p = np.clip(np.asarray(p, np.float64), eps, 1 - eps)
-    return np.log(p / (1 - p))
-
-
-def fit_platt(scores, labels):
-    """Platt scaling: P(anomalous | s) = sigmoid(a logit(s) + b), fitted by maximum likelihood to Platt's (1999)
-    smoothed targets (N+ + 1) / (N+ + 2) and 1 / (N- + 2), which keep a and b finite when the calibration set
-    is separable, as a small few-shot one often is. Returns (a, b)."""
-    n_pos, n_neg = labels.sum(), len(labels) - labels.sum()
-    target = np.where(labels == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
-    # a soft target t is the likelihood of the point seen twice: labelled 1 with weight t, 0 with weight 1 - t
-    x = np.r_[logit(scores), logit(scores)][:, None]
-    y, w = np.r_[np.ones(len(labels)), np.zeros(len(labels))], np.r_[target, 1 - target]
-    lr = LogisticRegression(C=np.inf, max_iter=1000).fit(x, y, sample_weight=w)
-    return float(lr.coef_[0, 0]), float(lr.intercept_[0])
-
-
-def apply_platt(scores, ab):
-    return 1 / (1 + np.exp(-(ab[0] * logit(scores) + ab[1])))
-
-
+# which data the calibration is fitted on, for these checkpoints; the maths is in calibration.py
 def calibration_set(ckpt, topk, path):
     """Image scores (the --topk definition) and labels of a checkpoint's few-shot calibration set, or None."""
     cal = ckpt.get("calibration")
@@ -345,18 +200,18 @@ def calibrate(member_scores, labels, fit, ckpts, args):
         if len(set(labels[fit])) < 2:
             raise ValueError(f"--calib-split {args.calib_split} leaves no normal or no anomalous image to fit on")
         s = member_scores.mean(0)
-        ab = fit_platt(s[fit], labels[fit])
+        ab = calibration.fit_platt(s[fit], labels[fit])
         info = dict(method="platt", fitted_on=f"labelled test fraction {args.calib_split} (seed {args.seed}), "
                     f"left out of every reported number", n_normal=int((labels[fit] == 0).sum()),
                     n_anomalous=int(labels[fit].sum()), params=[ab])
-        return apply_platt(s, ab), apply_platt(s[fit], ab), labels[fit], info
+        return calibration.apply_platt(s, ab), calibration.apply_platt(s[fit], ab), labels[fit], info
     sets = [calibration_set(c, args.topk, p) for c, p in zip(ckpts, args.ckpt or [])]
     if not sets or any(x is None for x in sets):
         return None, None, None, dict(method=None, reason="no checkpoint, or one without a calibration set "
                                       "(retrain, or use --calib-split)")
-    params = [fit_platt(s, y) for s, y in sets]
-    probs = np.mean([apply_platt(s, ab) for s, ab in zip(member_scores, params)], axis=0)
-    fit_probs = np.concatenate([apply_platt(s, ab) for (s, _), ab in zip(sets, params)])
+    params = [calibration.fit_platt(s, y) for s, y in sets]
+    probs = np.mean([calibration.apply_platt(s, ab) for s, ab in zip(member_scores, params)], axis=0)
+    fit_probs = np.concatenate([calibration.apply_platt(s, ab) for (s, _), ab in zip(sets, params)])
     fit_labels = np.concatenate([y for _, y in sets])
     cfg = ckpts[0]["config"]
     whose = "its own" if len(ckpts) == 1 else f"each of the {len(ckpts)} checkpoints' own"
@@ -367,80 +222,7 @@ def calibrate(member_scores, labels, fit, ckpts, args):
     return probs, fit_probs, fit_labels, info
 
 
-def split_for_calibration(labels, frac, seed):
-    """Boolean mask of a stratified, seeded fraction of the labelled images (the calibration fit set)."""
-    rng, fit = np.random.default_rng(seed), np.zeros(len(labels), bool)
-    for v in (0, 1):
-        idx = np.flatnonzero(labels == v)
-        fit[rng.choice(idx, size=int(round(frac * len(idx))), replace=False)] = True
-    return fit
-
-
-def ece(probs, labels, bins=ECE_BINS):
-    """Expected calibration error of P(anomalous): the image-weighted |fraction anomalous - mean p| over equal-width
-    bins of p (Guo et al. 2017)."""
-    b = np.minimum((probs * bins).astype(int), bins - 1)
-    return float(np.abs(np.bincount(b, labels, bins) - np.bincount(b, probs, bins)).sum() / len(probs))
-
-
-def threshold_for_sensitivity(probs, labels, target):
-    """The highest threshold t whose sensitivity P(p >= t | anomalous) on these data reaches target."""
-    pos = np.sort(probs[labels == 1])
-    return float(pos[int(np.floor((1 - target) * len(pos) + 1e-9))])
-
-
-def operating_point(probs, labels, classes, t):
-    """Sensitivity, specificity and confusion matrix at p >= t, and per class how many are called anomalous."""
-    pred = probs >= t
-    tp, fn = int((pred & (labels == 1)).sum()), int((~pred & (labels == 1)).sum())
-    tn, fp = int((~pred & (labels == 0)).sum()), int((pred & (labels == 0)).sum())
-    per_class = {c: dict(n=int((classes == c).sum()), called_anomalous=int(pred[classes == c].sum()),
-                         called_normal=int((~pred[classes == c]).sum())) for c in sorted(set(classes))}
-    return dict(threshold=float(t), sensitivity=tp / max(tp + fn, 1), specificity=tn / max(tn + fp, 1),
-                confusion=dict(tp=tp, fn=fn, tn=tn, fp=fp), per_class=per_class)
-
-
-# ---------------------------------------------------------------------------------------------- figures and files
-def plot_roc(path, scores, labels, classes, metrics, points):
-    """Image-level ROC, overall and per anomaly class (normals against the class), with the operating points."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
-    fig = Figure(figsize=(5, 5))
-    ax = fig.subplots()
-    groups = [("all", np.ones(len(labels), bool))] + [(c, (labels == 0) | (classes == c))
-                                                       for c in sorted(set(classes[labels == 1]))]
-    for name, keep in groups if len(groups) > 2 else groups[:1]:
-        fpr, tpr, _ = roc_curve(labels[keep], scores[keep])
-        a = metrics["image"] if name == "all" else metrics["per_class"][name]["image"]
-        ci = f" [{a['auroc_ci95'][0]:.3f}, {a['auroc_ci95'][1]:.3f}]" if "auroc_ci95" in a else ""
-        ax.plot(fpr, tpr, label=f"{name}: AUROC {a['auroc']:.3f}{ci}")
-    for name, op in points.items():
-        ax.plot(1 - op["specificity"], op["sensitivity"], "o", label=f"{name} (t={op['threshold']:.3f})")
-    ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="image-level ROC", xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right", fontsize=7)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-
-
-def plot_reliability(path, probs, labels, fitted_on, bins=ECE_BINS):
-    """Reliability diagram: fraction anomalous against mean predicted probability per bin, and the bin counts."""
-    from matplotlib.figure import Figure
-    b = np.minimum((probs * bins).astype(int), bins - 1)
-    n = np.bincount(b, minlength=bins)
-    has = n > 0
-    mean_p, frac = np.bincount(b, probs, bins)[has] / n[has], np.bincount(b, labels, bins)[has] / n[has]
-    fig = Figure(figsize=(5, 6))
-    ax, hx = fig.subplots(2, 1, sharex=True, gridspec_kw=dict(height_ratios=[3, 1]))
-    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
-    ax.plot(mean_p, frac, "o-", label="test images (per bin)")
-    ax.set(ylabel="fraction anomalous", ylim=(0, 1), title=f"ECE {ece(probs, labels, bins):.3f} on {len(probs)} "
-           f"test images ({bins} bins)\n" + textwrap.fill(f"Platt scaling fitted on {fitted_on}", 70))
-    ax.title.set_fontsize(8)
-    ax.legend(loc="lower right", fontsize=7)
-    hx.bar((np.arange(bins) + 0.5) / bins, n, width=1 / bins, edgecolor="white")
-    hx.set(xlabel="calibrated P(anomalous)", ylabel="images", xlim=(0, 1))
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-
-
+# ---------------------------------------------------------------------------------------------- files
 def colourise(a):
     """(H, W) in [0, 1] -> (H, W, 3) uint8 on a black-red-yellow-white ramp."""
     ramp = np.array([[0, 0, 0], [128, 0, 0], [255, 64, 0], [255, 200, 0], [255, 255, 255]], np.float32)
@@ -530,11 +312,11 @@ def main(args):
     labels, classes = np.array([r["label"] for r in records]), np.array([r["cls"] for r in records])
     fit = np.zeros(len(labels), bool)                    # images used to fit the calibration, left out of the report
     if args.calib_split:
-        fit = split_for_calibration(labels, args.calib_split, args.seed)
+        fit = calibration.split_for_calibration(labels, args.calib_split, args.seed)
     probs, fit_probs, fit_labels, cal = calibrate(member_scores, labels, fit, ckpts, args)
     thresholds = {} if probs is None else {
         "p>=0.5": 0.5,
-        f"sensitivity>={args.target_sensitivity:g}": threshold_for_sensitivity(fit_probs, fit_labels,
+        f"sensitivity>={args.target_sensitivity:g}": calibration.threshold_for_sensitivity(fit_probs, fit_labels,
                                                                                args.target_sensitivity)}
     write_scores(os.path.join(out, "scores.csv"), records, member_scores, probs, thresholds, fit)
     mean_map = maps[0] if len(dets) == 1 else maps.mean(0, dtype=np.float32).astype(np.float16)   # (N, S, S)
@@ -552,41 +334,42 @@ def main(args):
     # every number below is on the reported images: the test set less any --calib-split fit images
     keep = ~fit
     rec, y, cls = [r for r, k in zip(records, keep) if k], labels[keep], classes[keep]
-    metrics = dict(dataset=name, split="test", reported_on=dict(images=int(keep.sum()),
+    report = dict(dataset=name, split="test", reported_on=dict(images=int(keep.sum()),
                                                                 left_out_for_calibration=int(fit.sum())))
-    metrics.update(compute_metrics(rec, mean_map[keep], score[keep], masks[keep], args.bootstrap, args.seed))
-    metrics["bootstrap"] = dict(resamples=args.bootstrap, seed=args.seed, interval="percentile 95%",
+    report.update(metrics.compute_metrics(rec, mean_map[keep], score[keep], masks[keep], args.bootstrap, args.seed))
+    report["bootstrap"] = dict(resamples=args.bootstrap, seed=args.seed, interval="percentile 95%",
                                 resampling="images with replacement, within the normal and the anomalous ones")
-    metrics["seeds"] = metrics["most_uncertain"] = None
+    report["seeds"] = report["most_uncertain"] = None
     if len(dets) > 1:  # each checkpoint alone, mean +- std; and the images the checkpoints disagree on most
-        members = [compute_metrics(rec, maps[j][keep], member_scores[j][keep], masks[keep]) for j in range(len(dets))]
-        metrics["seeds"] = dict(summarise_members(members), note="each checkpoint alone; the headline numbers "
+        members = [metrics.compute_metrics(rec, maps[j][keep], member_scores[j][keep], masks[keep])
+                   for j in range(len(dets))]
+        report["seeds"] = dict(metrics.summarise_members(members), note="each checkpoint alone; the headline numbers "
                                 "are the ensemble's (mean score over checkpoints)")
         spread = member_scores[:, keep].std(0, ddof=1)
-        metrics["most_uncertain"] = [dict(name=rec[i]["name"], label=int(y[i]), cls=rec[i]["cls"],
+        report["most_uncertain"] = [dict(name=rec[i]["name"], label=int(y[i]), cls=rec[i]["cls"],
                                           score=float(score[keep][i]), score_std=float(spread[i]))
                                      for i in np.argsort(-spread, kind="stable")[:10]]
-    metrics["calibration"], metrics["operating_points"] = cal, {}
+    report["calibration"], report["operating_points"] = cal, {}
     if probs is not None:
         p = probs[keep]
-        cal.update(ece=ece(p, y), ece_on_fit_data=ece(fit_probs, fit_labels), brier=float(np.mean((p - y) ** 2)),
-                   bins=ECE_BINS, reliability_png="reliability.png")
-        plot_reliability(os.path.join(out, "reliability.png"), p, y, cal["fitted_on"])
+        cal.update(ece=calibration.ece(p, y), ece_on_fit_data=calibration.ece(fit_probs, fit_labels),
+                   brier=float(np.mean((p - y) ** 2)), bins=calibration.ECE_BINS, reliability_png="reliability.png")
+        calibration.plot_reliability(os.path.join(out, "reliability.png"), p, y, cal["fitted_on"])
         for key, t in thresholds.items():
-            op = operating_point(p, y, cls, t)
+            op = calibration.operating_point(p, y, cls, t)
             op.update(set_on=cal["fitted_on"], sensitivity_on_fit_data=float((fit_probs[fit_labels == 1] >= t).mean()))
-            metrics["operating_points"][key] = op
+            report["operating_points"][key] = op
     # the ROC is of the (mean) score; an ensemble's operating points are on the mean calibrated probability, so
     # they may sit just off its curve
-    plot_roc(os.path.join(out, "roc.png"), score[keep], y, cls, metrics, metrics["operating_points"])
-    metrics["conditions"] = dict(cond, test_data=name, image_score="max" if args.topk <= 0 else f"top{args.topk}",
+    metrics.plot_roc(os.path.join(out, "roc.png"), score[keep], y, cls, report, report["operating_points"])
+    report["conditions"] = dict(cond, test_data=name, image_score="max" if args.topk <= 0 else f"top{args.topk}",
                                  code_version=code_version())
     if cond["random_init"]:
-        metrics["warning"] = "random backbone weights: these numbers say nothing about the method"
-    write_json(metrics, os.path.join(out, "metrics.json"))
-    print_summary(metrics)
+        report["warning"] = "random backbone weights: these numbers say nothing about the method"
+    write_json(report, os.path.join(out, "metrics.json"))
+    print_summary(report)
     print(f"wrote {os.path.join(out, 'metrics.json')}, roc.png" + (", reliability.png" if probs is not None else ""))
-    return metrics
+    return report
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-import evaluate
+import metrics
 
 
 def test_aupro_perfect_and_hand_computed():
@@ -10,17 +10,17 @@ def test_aupro_perfect_and_hand_computed():
     masks[0, 0, :2] = True                    # region A: 2 pixels
     masks[1, 0, 3] = True                     # region B: 1 pixel
     perfect = masks.astype(np.float32)
-    assert evaluate.aupro(perfect, masks) == pytest.approx(1.0)
+    assert metrics.aupro(perfect, masks) == pytest.approx(1.0)
     # scores: A gets 0.9 and 0.1, B gets 0.8; normal pixels (5 of them) 0.5 or below
     maps = np.array([[[0.9, 0.1, 0.5, 0.2]], [[0.3, 0.4, 0.05, 0.8]]], np.float32)
     # thresholds from high to low: 0.9 -> PRO (1/2 + 0)/2 = .25, FPR 0; 0.8 -> PRO .75, FPR 0;
     # 0.5 -> FPR 1/5 = .2, PRO .75; 0.4 -> FPR .4 > .3: interpolate PRO .75 at .3
     # area over [0, .3] = .75 * .3, normalised by .3 -> .75
-    assert evaluate.aupro(maps, masks) == pytest.approx(0.75)
+    assert metrics.aupro(maps, masks) == pytest.approx(0.75)
 
 
 def test_aupro_without_regions_is_nan():
-    assert np.isnan(evaluate.aupro(np.random.rand(2, 3, 3), np.zeros((2, 3, 3), bool)))
+    assert np.isnan(metrics.aupro(np.random.rand(2, 3, 3), np.zeros((2, 3, 3), bool)))
 
 
 def test_compute_metrics_per_class_and_mask_rule():
@@ -32,13 +32,13 @@ def test_compute_metrics_per_class_and_mask_rule():
     masks = np.zeros((4, 2, 2), bool)
     masks[1, 0, 0] = masks[2, 1, 1] = True
     maps = masks.astype(np.float32) * 0.5 + 0.1
-    m = evaluate.compute_metrics(recs, maps, scores, masks)
+    m = metrics.compute_metrics(recs, maps, scores, masks)
     assert m["image"]["auroc"] == pytest.approx(0.75)        # pairs: (.9>.1, .9>.4, .3>.1, .3<.4) = 3/4
     assert m["per_class"]["benign"]["image"]["auroc"] == 1.0
     assert m["per_class"]["malignant"]["image"]["auroc"] == 0.5
     assert m["pixel"]["auroc"] == 1.0
     recs[2]["mask_path"] = None                               # one anomalous image without a mask: no pixel metrics
-    assert evaluate.compute_metrics(recs, maps, scores, masks)["pixel"] is None
+    assert metrics.compute_metrics(recs, maps, scores, masks)["pixel"] is None
 
 
 def test_counted_pixel_metrics_equal_sklearn_on_every_pixel():
@@ -46,7 +46,7 @@ def test_counted_pixel_metrics_equal_sklearn_on_every_pixel():
     rng = np.random.default_rng(0)
     masks = rng.random((20, 16, 16)) < 0.1
     maps = (rng.random((20, 16, 16)) * 0.5 + masks * 0.3 * rng.random((20, 16, 16))).astype(np.float16)
-    m = evaluate.pixel_metrics(maps, masks)
+    m = metrics.pixel_metrics(maps, masks)
     y, s = masks.ravel(), maps.ravel().astype(np.float32)
     assert m["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
     assert m["ap"] == pytest.approx(average_precision_score(y, s), abs=1e-12)

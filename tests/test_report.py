@@ -6,7 +6,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+import calibration
 import evaluate
+import metrics
 import train
 from conftest import TINY_CLIP
 from test_train_eval import TINY
@@ -28,7 +30,7 @@ def test_bootstrap_ci_narrows_with_more_images_and_holds_the_estimate():
     widths = []
     for n in (40, 1000):
         y, s = scored(n, rng)
-        m = evaluate.compute_metrics(records(y), np.zeros((n, 1, 1)), s, np.zeros((n, 1, 1), bool), n_boot=300)
+        m = metrics.compute_metrics(records(y), np.zeros((n, 1, 1)), s, np.zeros((n, 1, 1), bool), n_boot=300)
         lo, hi = m["image"]["auroc_ci95"]
         assert lo <= m["image"]["auroc"] <= hi
         widths.append(hi - lo)
@@ -42,10 +44,10 @@ def test_pixel_bootstrap_matches_sklearn_and_narrows():
         y = np.arange(n) % 2
         masks = (rng.random((n, 8, 8)) < 0.2) & (y[:, None, None] == 1)
         maps = (rng.random((n, 8, 8)) * 0.6 + masks * 0.3).astype(np.float16)
-        hist = evaluate.pixel_histograms(maps, masks)
-        full = evaluate.histogram_auroc(hist.sum(0)[None, 0], hist.sum(0)[None, 1])[0]
+        hist = metrics.pixel_histograms(maps, masks)
+        full = metrics.histogram_auroc(hist.sum(0)[None, 0], hist.sum(0)[None, 1])[0]
         assert full == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel().astype(np.float32)), abs=1e-9)
-        m = evaluate.compute_metrics(records(y, masked=True), maps, maps.reshape(n, -1).max(1), masks, n_boot=200)
+        m = metrics.compute_metrics(records(y, masked=True), maps, maps.reshape(n, -1).max(1), masks, n_boot=200)
         lo, hi = m["pixel"]["auroc_ci95"]
         assert lo <= m["pixel"]["auroc"] <= hi
         widths.append(hi - lo)
@@ -56,20 +58,20 @@ def test_ece_small_when_calibrated_large_when_not():
     rng = np.random.default_rng(2)
     p = rng.random(20000)
     y = (rng.random(20000) < p).astype(float)
-    assert evaluate.ece(p, y) < 0.02
+    assert calibration.ece(p, y) < 0.02
     overconfident = np.where(p > 0.5, 1 - (1 - p) ** 4, p ** 4)  # pushed towards 0 and 1
-    assert evaluate.ece(overconfident, y) > 0.15
+    assert calibration.ece(overconfident, y) > 0.15
 
 
 def test_platt_recovers_a_known_calibration_and_stays_finite_when_separable():
     rng = np.random.default_rng(3)
     s = rng.random(50000)
-    y = (rng.random(50000) < evaluate.apply_platt(s, (2.0, -1.0))).astype(float)
-    a, b = evaluate.fit_platt(s, y)
+    y = (rng.random(50000) < calibration.apply_platt(s, (2.0, -1.0))).astype(float)
+    a, b = calibration.fit_platt(s, y)
     assert a == pytest.approx(2.0, abs=0.1) and b == pytest.approx(-1.0, abs=0.1)
-    a, b = evaluate.fit_platt(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0.0, 0, 1, 1]))   # separable
+    a, b = calibration.fit_platt(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0.0, 0, 1, 1]))   # separable
     assert np.isfinite([a, b]).all() and a > 0
-    assert 0.5 < evaluate.apply_platt(np.array([0.9]), (a, b))[0] < 0.9    # smoothed: 3/4, not 1
+    assert 0.5 < calibration.apply_platt(np.array([0.9]), (a, b))[0] < 0.9    # smoothed: 3/4, not 1
 
 
 @pytest.mark.parametrize("n_pos,target", [(7, 0.95), (100, 0.95), (20, 0.8), (1, 0.99)])
@@ -77,8 +79,8 @@ def test_operating_point_reaches_its_target_on_the_data_it_was_set_on(n_pos, tar
     rng = np.random.default_rng(n_pos)
     p = np.r_[rng.random(n_pos).round(1), rng.random(30)]            # rounded: ties among the anomalous
     y = np.r_[np.ones(n_pos), np.zeros(30)]
-    t = evaluate.threshold_for_sensitivity(p, y, target)
-    op = evaluate.operating_point(p, y, np.where(y == 1, "abnormal", "normal"), t)
+    t = calibration.threshold_for_sensitivity(p, y, target)
+    op = calibration.operating_point(p, y, np.where(y == 1, "abnormal", "normal"), t)
     assert op["sensitivity"] >= target
     higher = np.sort(p[y == 1])[np.sort(p[y == 1]) > t]
     if len(higher):                                                  # and it is the highest such threshold
@@ -90,9 +92,9 @@ def test_operating_point_reaches_its_target_on_the_data_it_was_set_on(n_pos, tar
 
 def test_calibration_split_is_stratified_and_seeded():
     y = np.r_[np.zeros(40), np.ones(60)]
-    fit = evaluate.split_for_calibration(y, 0.25, 0)
+    fit = calibration.split_for_calibration(y, 0.25, 0)
     assert fit[y == 0].sum() == 10 and fit[y == 1].sum() == 15
-    assert (fit == evaluate.split_for_calibration(y, 0.25, 0)).all()
+    assert (fit == calibration.split_for_calibration(y, 0.25, 0)).all()
 
 
 def test_checkpoint_holds_a_calibration_set(tmp_path):

@@ -1,0 +1,98 @@
+"""
+Calibration of image scores into probabilities, and the decisions made with them.
+
+- Platt scaling (Platt 1999) on the logit of the score, with Platt's smoothed targets;
+- expected calibration error (Guo et al. 2017, 15 equal-width bins) and the reliability diagram;
+- thresholds: the highest one that reaches a target sensitivity on the data it is set on; an operating point's
+  sensitivity, specificity, confusion counts and per-class calls;
+- a stratified, seeded split of a labelled test set for fitting on a fraction and reporting on the rest.
+
+    import calibration
+    ab = calibration.fit_platt(scores, labels)            # on the few-shot set, or a labelled fraction
+    p = calibration.apply_platt(test_scores, ab)
+    calibration.ece(p, test_labels), calibration.operating_point(p, test_labels, classes, 0.5)
+"""
+import textwrap
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+
+ECE_BINS = 15  # Guo et al. 2017
+
+
+def logit(p, eps=1e-6):
+    p = np.clip(np.asarray(p, np.float64), eps, 1 - eps)
+    return np.log(p / (1 - p))
+
+
+def fit_platt(scores, labels):
+    """Platt scaling: P(anomalous | s) = sigmoid(a logit(s) + b), fitted by maximum likelihood to Platt's (1999)
+    smoothed targets (N+ + 1) / (N+ + 2) and 1 / (N- + 2), which keep a and b finite when the calibration set
+    is separable, as a small few-shot one often is. Returns (a, b)."""
+    n_pos, n_neg = labels.sum(), len(labels) - labels.sum()
+    target = np.where(labels == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+    # a soft target t is the likelihood of the point seen twice: labelled 1 with weight t, 0 with weight 1 - t
+    x = np.r_[logit(scores), logit(scores)][:, None]
+    y, w = np.r_[np.ones(len(labels)), np.zeros(len(labels))], np.r_[target, 1 - target]
+    lr = LogisticRegression(C=np.inf, max_iter=1000).fit(x, y, sample_weight=w)
+    return float(lr.coef_[0, 0]), float(lr.intercept_[0])
+
+
+def apply_platt(scores, ab):
+    return 1 / (1 + np.exp(-(ab[0] * logit(scores) + ab[1])))
+
+
+
+def split_for_calibration(labels, frac, seed):
+    """Boolean mask of a stratified, seeded fraction of the labelled images (the calibration fit set)."""
+    rng, fit = np.random.default_rng(seed), np.zeros(len(labels), bool)
+    for v in (0, 1):
+        idx = np.flatnonzero(labels == v)
+        fit[rng.choice(idx, size=int(round(frac * len(idx))), replace=False)] = True
+    return fit
+
+
+def ece(probs, labels, bins=ECE_BINS):
+    """Expected calibration error of P(anomalous): the image-weighted |fraction anomalous - mean p| over equal-width
+    bins of p (Guo et al. 2017)."""
+    b = np.minimum((probs * bins).astype(int), bins - 1)
+    return float(np.abs(np.bincount(b, labels, bins) - np.bincount(b, probs, bins)).sum() / len(probs))
+
+
+def threshold_for_sensitivity(probs, labels, target):
+    """The highest threshold t whose sensitivity P(p >= t | anomalous) on these data reaches target."""
+    pos = np.sort(probs[labels == 1])
+    return float(pos[int(np.floor((1 - target) * len(pos) + 1e-9))])
+
+
+def operating_point(probs, labels, classes, t):
+    """Sensitivity, specificity and confusion matrix at p >= t, and per class how many are called anomalous."""
+    pred = probs >= t
+    tp, fn = int((pred & (labels == 1)).sum()), int((~pred & (labels == 1)).sum())
+    tn, fp = int((~pred & (labels == 0)).sum()), int((pred & (labels == 0)).sum())
+    per_class = {c: dict(n=int((classes == c).sum()), called_anomalous=int(pred[classes == c].sum()),
+                         called_normal=int((~pred[classes == c]).sum())) for c in sorted(set(classes))}
+    return dict(threshold=float(t), sensitivity=tp / max(tp + fn, 1), specificity=tn / max(tn + fp, 1),
+                confusion=dict(tp=tp, fn=fn, tn=tn, fp=fp), per_class=per_class)
+
+
+
+def plot_reliability(path, probs, labels, fitted_on, bins=ECE_BINS):
+    """Reliability diagram: fraction anomalous against mean predicted probability per bin, and the bin counts."""
+    from matplotlib.figure import Figure
+    b = np.minimum((probs * bins).astype(int), bins - 1)
+    n = np.bincount(b, minlength=bins)
+    has = n > 0
+    mean_p, frac = np.bincount(b, probs, bins)[has] / n[has], np.bincount(b, labels, bins)[has] / n[has]
+    fig = Figure(figsize=(5, 6))
+    ax, hx = fig.subplots(2, 1, sharex=True, gridspec_kw=dict(height_ratios=[3, 1]))
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
+    ax.plot(mean_p, frac, "o-", label="test images (per bin)")
+    ax.set(ylabel="fraction anomalous", ylim=(0, 1), title=f"ECE {ece(probs, labels, bins):.3f} on {len(probs)} "
+           f"test images ({bins} bins)\n" + textwrap.fill(f"Platt scaling fitted on {fitted_on}", 70))
+    ax.title.set_fontsize(8)
+    ax.legend(loc="lower right", fontsize=7)
+    hx.bar((np.arange(bins) + 0.5) / bins, n, width=1 / bins, edgecolor="white")
+    hx.set(xlabel="calibrated P(anomalous)", ylabel="images", xlim=(0, 1))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
