@@ -43,7 +43,7 @@ import data
 import encode
 import mediclip
 import metrics
-from train import FORMAT_VERSION, code_version, frozen_autocast, pick_device, resolve_layers
+from train import FORMAT_VERSION, bf16_autocast, code_version, pick_device, resolve_layers
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, unsafe, of another format or for another model."""
@@ -163,7 +163,7 @@ def predict(records, clip, dets, layers, args, device):
     tokens_model = encode.CLIPTokens(clip, layers)
     tower = encode.TextTower(clip)
     texts = [det.text_features(tower) for det in dets]             # (E, 2) each, once for all images
-    autocast = frozen_autocast(device)
+    autocast = bf16_autocast(device)
     maps, scores, masks = [[] for _ in dets], [[] for _ in dets], []
     for i in tqdm(range(0, len(records), args.batch_size), desc="evaluate", dynamic_ncols=True):
         images, m = data.load_images(records[i:i + args.batch_size], S)
@@ -188,8 +188,8 @@ def calibration_set(ckpt, topk, path):
     if topk > tops.shape[1]:
         raise ValueError(f"{path}: its calibration set keeps the top {tops.shape[1]} map values; --topk {topk} "
                          f"needs more (use --calib-split, or a smaller --topk)")
-    scores = tops[:, 0] if topk <= 0 else tops[:, :topk].mean(1)
-    return scores.numpy(), np.r_[np.zeros(len(cal["normal"])), np.ones(len(cal["anomalous"]))]
+    labels = np.r_[np.zeros(len(cal["normal"])), np.ones(len(cal["anomalous"]))]
+    return mediclip.scores_from_top(tops, topk).numpy(), labels
 
 
 def calibrate(member_scores, labels, fit, ckpts, args):

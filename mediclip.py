@@ -122,8 +122,12 @@ def build_mediclip(clip, n_layers, ctx_init=CTX_INIT, n_ctx=8):
 
 def image_scores(probs, topk=0):
     """(B, 2, S, S) -> (B,) image scores: max of the abnormal map, or the mean of its top-k pixels."""
-    a = probs[:, 1].flatten(1)
-    return a.max(dim=1).values if topk <= 0 else a.topk(topk, dim=1).values.mean(dim=1)
+    return scores_from_top(probs[:, 1].flatten(1).topk(max(topk, 1), dim=1).values, topk)
+
+
+def scores_from_top(top, topk=0):
+    """(B, >= k) abnormal-map values in descending order -> (B,) image scores, by the same rule."""
+    return top[:, 0] if topk <= 0 else top[:, :topk].mean(dim=1)
 
 
 def focal_loss(probs, mask, gamma=2.0, smooth=1e-5):

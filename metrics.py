@@ -120,7 +120,7 @@ def compute_metrics(records, maps, scores, masks, n_boot=0, seed=0):
                 pixel["auroc_ci95"] = ci95(bootstrap_pixel_auroc(hist[keep], idx))
         return image, pixel
 
-    out = dict(zip(("image", "pixel"), report(np.ones(len(labels), bool))), per_class={})
+    out = dict(zip(("image", "pixel"), report(slice(None))), per_class={})           # all: views, no copies
     for c in sorted(set(classes[labels == 1])):
         image, pixel = report((labels == 0) | (classes == c))       # the normals against one class
         out["per_class"][c] = dict(image=image, pixel=pixel)

@@ -102,9 +102,9 @@ def pick_device(name):
     return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
-def frozen_autocast(device, bf16=False):
-    """bf16 autocast: for the frozen forwards on CUDA always; with bf16=True (--bf16) on the CPU too."""
-    if device.type == "cuda" or (bf16 and device.type == "cpu"):
+def bf16_autocast(device, on_cpu=False):
+    """bf16 autocast on CUDA; on the CPU only when asked (--bf16); full precision elsewhere."""
+    if device.type == "cuda" or (on_cpu and device.type == "cpu"):
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
@@ -192,9 +192,9 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    autocast = frozen_autocast(device, args.bf16)
-    # --bf16: the trainables' forwards too (fp32 master weights and losses); without it they run in fp32
-    step_autocast = frozen_autocast(device, True) if args.bf16 else contextlib.nullcontext
+    autocast = bf16_autocast(device, on_cpu=args.bf16)     # the frozen forwards
+    # the trainables' forwards: bf16 only with --bf16 (fp32 master weights and losses), on any device
+    step_autocast = bf16_autocast(device, on_cpu=True) if args.bf16 else contextlib.nullcontext
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)  # every random draw of the loop, on the CPU: reproducible
     out = args.out or os.path.join("runs", f"{os.path.basename(args.data.rstrip('/'))}-k{args.shots}-s{args.seed}")
