@@ -127,21 +127,25 @@ def sha256(path):
 
 
 def load_backbone(args, ckpts):
-    """The frozen CLIP (once, for every checkpoint), its layers, and the conditions of the numbers."""
+    """The frozen CLIP (once, for every checkpoint), its layers, and what the numbers depend on of it."""
     cfg = ckpts[0]["config"] if ckpts else dict(clip=args.clip or "ViT-L-14", pretrained="openai", clip_weights=None,
                                                 random_init=args.random_init, layers=None, data=None)
     pretrained, weights = args.pretrained or cfg["pretrained"], args.clip_weights or cfg["clip_weights"]
     clip = encode.load_clip(cfg["clip"], pretrained, weights, cfg["random_init"])
     layers = cfg["layers"] or resolve_layers(args.layers, len(clip.visual.transformer.resblocks))
-    cond = dict(checkpoints=[os.path.abspath(p) for p in args.ckpt or []],
-                checkpoint_sha256=[sha256(p) for p in args.ckpt or []], clip=cfg["clip"], layers=layers,
-                random_init=cfg["random_init"], weights="random" if cfg["random_init"] else
-                f"file {os.path.abspath(weights)}" if weights else f"open_clip tag {pretrained}",
-                weights_sha256=sha256(weights) if weights and not cfg["random_init"] else None,
-                shots=ckpts[0]["config"]["shots"] if ckpts else 0, seeds=[c["seed"] for c in ckpts],
-                shot_files=[c["shots"] for c in ckpts], train_data=cfg["data"],
-                synth=cfg.get("synth"), steps=cfg.get("steps"))
-    return clip, layers, cond
+    backbone = dict(clip=cfg["clip"], layers=layers, random_init=cfg["random_init"],
+                    weights="random" if cfg["random_init"] else
+                    f"file {os.path.abspath(weights)}" if weights else f"open_clip tag {pretrained}",
+                    weights_sha256=sha256(weights) if weights and not cfg["random_init"] else None)
+    return clip, layers, backbone
+
+
+def describe_checkpoints(ckpts, paths):
+    """What the numbers depend on of the checkpoints: files, checksums, shots, seeds, data, synthesis, steps."""
+    cfg = ckpts[0]["config"] if ckpts else {}
+    return dict(checkpoints=[os.path.abspath(p) for p in paths], checkpoint_sha256=[sha256(p) for p in paths],
+                shots=cfg.get("shots", 0), seeds=[c["seed"] for c in ckpts], shot_files=[c["shots"] for c in ckpts],
+                train_data=cfg.get("data"), synth=cfg.get("synth"), steps=cfg.get("steps"))
 
 
 def load_detector(clip, layers, ckpt, path):
@@ -192,7 +196,7 @@ def calibration_set(ckpt, topk, path):
     return mediclip.scores_from_top(tops, topk).numpy(), labels
 
 
-def calibrate(member_scores, labels, fit, ckpts, args):
+def calibrate(member_scores, labels, fit, ckpts, paths, args):
     """Calibrated P(anomalous) of every image, and the probabilities and labels of the data it was fitted on.
     --calib-split: one Platt fit on the (mean) score of the labelled test images in `fit`. Otherwise each
     checkpoint's own few-shot set, the members' probabilities averaged as in a deep ensemble. None if neither."""
@@ -205,7 +209,7 @@ def calibrate(member_scores, labels, fit, ckpts, args):
                     f"left out of every reported number", n_normal=int((labels[fit] == 0).sum()),
                     n_anomalous=int(labels[fit].sum()), params=[ab])
         return calibration.apply_platt(s, ab), calibration.apply_platt(s[fit], ab), labels[fit], info
-    sets = [calibration_set(c, args.topk, p) for c, p in zip(ckpts, args.ckpt or [])]
+    sets = [calibration_set(c, args.topk, p) for c, p in zip(ckpts, paths)]
     if not sets or any(x is None for x in sets):
         return None, None, None, dict(method=None, reason="no checkpoint, or one without a calibration set "
                                       "(retrain, or use --calib-split)")
@@ -294,7 +298,7 @@ def main(args):
     ckpts = [load_checkpoint(p) for p in paths]
     if ckpts:
         check_request(ckpts, paths, args)
-    clip, layers, cond = load_backbone(args, ckpts)
+    clip, layers, backbone = load_backbone(args, ckpts)
     dets = [load_detector(clip, layers, c, p).to(device) for c, p in zip(ckpts, paths)] or \
            [load_detector(clip, layers, None, None).to(device)]
     clip = clip.to(device)
@@ -305,21 +309,25 @@ def main(args):
         name = args.data or cfg.get("data") or "brainmri"
         records = data.load_split(name, args.data_root or cfg.get("data_root") or "data", "test")
     out = args.out or (os.path.dirname(os.path.abspath(paths[0])) if paths else "results")
-    os.makedirs(out, exist_ok=True)
-
     maps, member_scores, masks = predict(records, clip, dets, layers, args, device)   # (M, N, S, S), (M, N)
+    return write_report(out, name, records, maps, member_scores, masks, ckpts, paths, backbone, args)
+
+
+def write_report(out, name, records, maps, member_scores, masks, ckpts, paths, backbone, args):
+    """Everything evaluate.py writes, from the maps and scores of M checkpoints (M = 1: that checkpoint alone)."""
+    os.makedirs(out, exist_ok=True)
     score = member_scores.mean(0)                                                      # the ensemble: mean score
     labels, classes = np.array([r["label"] for r in records]), np.array([r["cls"] for r in records])
     fit = np.zeros(len(labels), bool)                    # images used to fit the calibration, left out of the report
     if args.calib_split:
         fit = calibration.split_for_calibration(labels, args.calib_split, args.seed)
-    probs, fit_probs, fit_labels, cal = calibrate(member_scores, labels, fit, ckpts, args)
+    probs, fit_probs, fit_labels, cal = calibrate(member_scores, labels, fit, ckpts, paths, args)
     thresholds = {} if probs is None else {
         "p>=0.5": 0.5,
         f"sensitivity>={args.target_sensitivity:g}": calibration.threshold_for_sensitivity(fit_probs, fit_labels,
                                                                                args.target_sensitivity)}
     write_scores(os.path.join(out, "scores.csv"), records, member_scores, probs, thresholds, fit)
-    mean_map = maps[0] if len(dets) == 1 else maps.mean(0, dtype=np.float32).astype(np.float16)   # (N, S, S)
+    mean_map = maps[0] if len(maps) == 1 else maps.mean(0, dtype=np.float32).astype(np.float16)   # (N, S, S)
     order = np.argsort(-score, kind="stable")
     picks = order[np.linspace(0, len(order) - 1, min(args.overlays, len(order))).round().astype(int)]
     for rank, i in enumerate(picks):
@@ -340,9 +348,9 @@ def main(args):
     report["bootstrap"] = dict(resamples=args.bootstrap, seed=args.seed, interval="percentile 95%",
                                 resampling="images with replacement, within the normal and the anomalous ones")
     report["seeds"] = report["most_uncertain"] = None
-    if len(dets) > 1:  # each checkpoint alone, mean +- std; and the images the checkpoints disagree on most
+    if len(maps) > 1:  # each checkpoint alone, mean +- std; and the images the checkpoints disagree on most
         members = [metrics.compute_metrics(rec, maps[j][keep], member_scores[j][keep], masks[keep])
-                   for j in range(len(dets))]
+                   for j in range(len(maps))]
         report["seeds"] = dict(metrics.summarise_members(members), note="each checkpoint alone; the headline numbers "
                                 "are the ensemble's (mean score over checkpoints)")
         spread = member_scores[:, keep].std(0, ddof=1)
@@ -362,9 +370,9 @@ def main(args):
     # the ROC is of the (mean) score; an ensemble's operating points are on the mean calibrated probability, so
     # they may sit just off its curve
     metrics.plot_roc(os.path.join(out, "roc.png"), score[keep], y, cls, report, report["operating_points"])
-    report["conditions"] = dict(cond, test_data=name, image_score="max" if args.topk <= 0 else f"top{args.topk}",
-                                 code_version=code_version())
-    if cond["random_init"]:
+    report["conditions"] = dict(describe_checkpoints(ckpts, paths), **backbone, test_data=name,
+                                 image_score="max" if args.topk <= 0 else f"top{args.topk}", code_version=code_version())
+    if backbone["random_init"]:
         report["warning"] = "random backbone weights: these numbers say nothing about the method"
     write_json(report, os.path.join(out, "metrics.json"))
     print_summary(report)

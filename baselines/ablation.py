@@ -5,7 +5,9 @@ seeds for every mode; each checkpoint is evaluated, and the cells are summarised
     python -m baselines.ablation --datasets brainmri busi --data-root ../shared/data --shots 1 4 --seeds 0 1 2 \
         --out runs/ablation -- --random-init --clip ViT-B-16 --steps 100
 
-Everything after `--` goes to train.py unchanged. Resumable: a run whose metrics.json exists is skipped, and a
+Everything after `--` goes to train.py unchanged. Block by block (a dataset and a k): every seed x mode is
+trained, then all are evaluated together, one frozen CLIP forward per test batch serving every checkpoint (the
+test-set forward is the larger part of a run's cost). Resumable: a run whose metrics.json exists is skipped, and a
 run whose checkpoint exists is only evaluated; `--report-only` tabulates the runs finished so far and runs nothing.
 `--test-data NAME` evaluates every checkpoint on another dataset (a cross-dataset cell). Writes <out>/table.md
 (image and pixel AUROC per cell) and <out>/runs.json (every run with its full configuration and metrics).
@@ -17,6 +19,7 @@ import sys
 
 import numpy as np
 
+import data
 import evaluate
 import train
 
@@ -44,25 +47,57 @@ def parse_args(argv=None):
     return args
 
 
-def run_one(args, data, k, mode, seed):
-    """Train (unless a checkpoint exists) and evaluate (unless metrics exist) one run; returns its record."""
-    folder = os.path.join(args.out, data, f"k{k}", mode, f"s{seed}")
-    test = args.test_data or data
-    metrics_path = os.path.join(folder, f"eval-{test}", "metrics.json")
-    if not os.path.isfile(metrics_path) and args.report_only:
-        return None
-    if not os.path.isfile(metrics_path):
-        ckpt = os.path.join(folder, "run.pt")
-        if not os.path.isfile(ckpt):
-            train.main(train.parse_args(["--data", data, "--data-root", args.data_root, "--shots", str(k),
-                                         "--seed", str(seed), "--synth", mode, "--out", folder] + args.train_args))
-        evaluate.main(evaluate.parse_args(["--ckpt", ckpt, "--data", test, "--data-root", args.data_root,
-                                           "--out", os.path.dirname(metrics_path), "--overlays", "0",
-                                           "--bootstrap", "0"]))  # the table's spread is over seeds
-    with open(metrics_path) as f:
-        m = json.load(f)
-    return dict(train_data=data, test_data=test, shots=k, mode=mode, seed=seed, image_auroc=m["image"]["auroc"],
-                pixel_auroc=m["pixel"]["auroc"] if m["pixel"] else None, metrics=m)
+def run_folder(args, dataset, k, mode, seed):
+    return os.path.join(args.out, dataset, f"k{k}", mode, f"s{seed}")
+
+
+def train_one(args, dataset, k, mode, seed):
+    """Train one run, unless its checkpoint exists (a half-trained run has none, and starts again)."""
+    folder = run_folder(args, dataset, k, mode, seed)
+    if not os.path.isfile(os.path.join(folder, "run.pt")):
+        train.main(train.parse_args(["--data", dataset, "--data-root", args.data_root, "--shots", str(k),
+                                     "--seed", str(seed), "--synth", mode, "--out", folder] + args.train_args))
+
+
+def evaluate_together(args, folders, test):
+    """Evaluate checkpoints of one backbone on one test set: one frozen CLIP forward per batch serves them all
+    (evaluate.predict), and each gets the report `evaluate.py --ckpt <its run.pt>` alone would write."""
+    paths = [os.path.join(f, "run.pt") for f in folders]
+    ev = evaluate.parse_args(["--ckpt", *paths, "--data", test, "--data-root", args.data_root, "--overlays", "0",
+                              "--bootstrap", "0"])                  # the table's spread is over seeds
+    ckpts = [evaluate.load_checkpoint(p) for p in paths]
+    evaluate.check_request(ckpts, paths, ev)
+    clip, layers, backbone = evaluate.load_backbone(ev, ckpts)
+    device = train.pick_device(ev.device)
+    dets = [evaluate.load_detector(clip, layers, c, p).to(device) for c, p in zip(ckpts, paths)]
+    records = data.load_split(test, args.data_root, "test")
+    maps, scores, masks = evaluate.predict(records, clip.to(device), dets, layers, ev, device)  # (M, N, S, S), (M, N)
+    for j, folder in enumerate(folders):
+        evaluate.write_report(os.path.join(folder, f"eval-{test}"), test, records, maps[j:j + 1], scores[j:j + 1],
+                              masks, [ckpts[j]], [paths[j]], backbone, ev)
+
+
+def run_block(args, dataset, k):
+    """All seeds x modes of one (dataset, shots): train what is missing, evaluate what is missing together;
+    returns the records of the finished runs."""
+    test = args.test_data or dataset
+    runs = [(mode, seed) for seed in args.seeds for mode in args.modes]
+    metrics_path = lambda mode, seed: os.path.join(run_folder(args, dataset, k, mode, seed), f"eval-{test}",
+                                                   "metrics.json")
+    todo = [(mode, seed) for mode, seed in runs if not os.path.isfile(metrics_path(mode, seed))]
+    if todo and not args.report_only:
+        for mode, seed in todo:
+            train_one(args, dataset, k, mode, seed)
+        evaluate_together(args, [run_folder(args, dataset, k, mode, seed) for mode, seed in todo], test)
+    records = []
+    for mode, seed in runs:
+        if os.path.isfile(metrics_path(mode, seed)):
+            with open(metrics_path(mode, seed)) as f:
+                m = json.load(f)
+            records.append(dict(train_data=dataset, test_data=test, shots=k, mode=mode, seed=seed,
+                                image_auroc=m["image"]["auroc"],
+                                pixel_auroc=m["pixel"]["auroc"] if m["pixel"] else None, metrics=m))
+    return records
 
 
 def mean_std(values):
@@ -90,9 +125,7 @@ def write_table(runs, modes, path):
 
 def main(args):
     os.makedirs(args.out, exist_ok=True)
-    runs = [run_one(args, d, k, mode, seed)
-            for d in args.datasets for k in args.shots for seed in args.seeds for mode in args.modes]
-    runs = [r for r in runs if r is not None]
+    runs = [r for d in args.datasets for k in args.shots for r in run_block(args, d, k)]
     evaluate.write_json(dict(train_args=args.train_args, runs=runs), os.path.join(args.out, "runs.json"))
     write_table(runs, args.modes, os.path.join(args.out, "table.md"))
     print(open(os.path.join(args.out, "table.md")).read())

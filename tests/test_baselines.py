@@ -5,6 +5,7 @@ import os
 import torch
 
 import encode
+import evaluate
 import train
 from baselines import ablation
 from test_train_eval import TINY
@@ -38,3 +39,22 @@ def test_ablation_table_and_resume(monkeypatch, tmp_path):
               "pixel-noise", "--out", str(tmp_path), "--report-only"]
     assert len(ablation.main(ablation.parse_args(report))) == 4
     assert os.path.isdir(tmp_path / "synthetic" / "k1" / "pixel-noise" / "s1")
+
+
+def test_ablation_evaluates_a_block_in_one_pass_as_each_alone(monkeypatch, tmp_path):
+    argv = ["--datasets", "synthetic", "--shots", "1", "--seeds", "0", "--modes", "deviation", "latent-noise",
+            "--out", str(tmp_path), "--"] + TINY[TINY.index("--random-init"):]
+    ablation.main(ablation.parse_args(argv))
+    folders = [tmp_path / "synthetic" / "k1" / mode / "s0" for mode in ("deviation", "latent-noise")]
+    together = [json.load(open(f / "eval-synthetic" / "metrics.json")) for f in folders]
+    for f in folders:
+        os.remove(f / "eval-synthetic" / "metrics.json")        # checkpoints kept: only the evaluation runs again
+    seen = []
+    forward = encode.CLIPTokens.forward
+    monkeypatch.setattr(encode.CLIPTokens, "forward", lambda self, x: seen.append(len(x)) or forward(self, x))
+    ablation.main(ablation.parse_args(argv))
+    assert sum(seen) == together[0]["reported_on"]["images"]      # one forward of the test set for both runs
+    for f, m in zip(folders, together):
+        alone = evaluate.main(evaluate.parse_args(["--ckpt", str(f / "run.pt"), "--out", str(tmp_path / "alone"),
+                                                   "--overlays", "0", "--bootstrap", "0"]))
+        assert json.loads(json.dumps(alone)) == m == json.load(open(f / "eval-synthetic" / "metrics.json"))
