@@ -22,6 +22,7 @@ A fixed number of steps; the last checkpoint is the result. The test split is ne
 import argparse
 import contextlib
 import csv
+import hashlib
 import json
 import math
 import os
@@ -88,6 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=10, help="log every loss term every N steps")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    p.add_argument("--cache", default=None, help="folder to keep the frozen encodings of the views in, keyed by "
+                   "their pixels, the encoders and encode.py: runs on the same shots (other --synth, steps, "
+                   "weights of the losses) skip MedVAE and CLIP on them")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for every forward, frozen and trainable, "
                    "on CPU too (default: fp32, but bf16 for the frozen forwards on CUDA); ~1.4-1.9x faster steps "
                    "on a CPU with avx512_bf16")
@@ -159,6 +163,30 @@ def score_tops(det, text, S, n, tokens_of, batch):
     return torch.cat(tops)                                                      # (n, CAL_TOP)
 
 
+def cache_key(views, layers, device, args):
+    """What the frozen encodings of the views depend on: their pixels (so the data, shots, seed and
+    augmentation), the encoders and their weights, the precision, and the code of encode.py."""
+    h = hashlib.sha256(views.contiguous().numpy().tobytes())
+    with open(encode.__file__, "rb") as f:
+        h.update(f.read())
+    files = [(os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)) if p else None
+             for p in (args.clip_weights, args.vae_weights)]
+    h.update(repr((args.clip, args.pretrained, args.random_init, list(layers), args.vae, files, device.type,
+                   args.bf16)).encode())
+    return h.hexdigest()[:20]
+
+
+def read_cache(path):
+    """The cached encodings, or None when there are none (or they cannot be read: then they are made again)."""
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # a cache is never worth a failed run: say so and encode again
+        print(f"warning: {path}: unreadable cache ({type(e).__name__}); encoding again")
+        return None
+
+
 def code_version():
     try:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -195,7 +223,6 @@ def main(args):
     autocast = bf16_autocast(device, on_cpu=args.bf16)     # the frozen forwards
     # the trainables' forwards: bf16 only with --bf16 (fp32 master weights and losses), on any device
     step_autocast = bf16_autocast(device, on_cpu=True) if args.bf16 else contextlib.nullcontext
-    torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)  # every random draw of the loop, on the CPU: reproducible
     out = args.out or os.path.join("runs", f"{os.path.basename(args.data.rstrip('/'))}-k{args.shots}-s{args.seed}")
 
@@ -203,16 +230,26 @@ def main(args):
     pool = data.load_split(args.data, args.data_root, "train", seed=args.seed)
     shots = data.sample_shots(pool, args.shots, args.seed)
 
-    # ---- frozen encoders, run once over all views, then freed
+    # ---- frozen encoders, run once over all views (or read from --cache), then freed
     clip = encode.load_clip(args.clip, args.pretrained, args.clip_weights, args.random_init).to(device)
     image_size = clip.visual.image_size if isinstance(clip.visual.image_size, int) else clip.visual.image_size[0]
     layers = resolve_layers(args.layers, len(clip.visual.transformer.resblocks))
-    vae = encode.load_medvae(args.vae, args.vae_weights, args.random_init).to(device)
     images, _ = data.load_images(shots, image_size)                        # (k, 3, S, S)
     views = data.augment_views(images, args.views, args.seed)              # (k V, 3, S, S)
     tokens_model = encode.CLIPTokens(clip, layers)
-    real = [t.clone() for t in encode.encode_tokens(tokens_model, views.to(device), clip, autocast=autocast)]
-    z = encode.encode_latents(vae, views.to(device), autocast=autocast).clone()  # (k V, c, h, w)
+    cache = args.cache and os.path.join(args.cache, f"views-{cache_key(views, layers, device, args)}.pt")
+    cached = read_cache(cache)
+    if cached:
+        real, z = [t.to(device) for t in cached["real"]], cached["z"].to(device)
+        print(f"frozen encodings of the {len(views)} views read from {cache}")
+    else:
+        vae = encode.load_medvae(args.vae, args.vae_weights, args.random_init).to(device)
+        real = [t.clone() for t in encode.encode_tokens(tokens_model, views.to(device), clip, autocast=autocast)]
+        z = encode.encode_latents(vae, views.to(device), autocast=autocast).clone()  # (k V, c, h, w)
+        del vae
+        if cache:
+            os.makedirs(args.cache, exist_ok=True)
+            save_checkpoint(dict(real=[t.cpu() for t in real], z=z.cpu()), cache)
     # hold out the last view(s) of every shot: the alignment cosine is reported on them
     n_hold = max(1, args.views // 8) if args.views > 1 else 0
     is_held = (torch.arange(len(views)) % args.views) >= args.views - n_hold
@@ -226,7 +263,7 @@ def main(args):
         bank = [t.clone() for t in encode.encode_tokens(tokens_model, bank_images.to(device), clip, autocast=autocast)]
         bank_masks = bank_masks.to(device)
     text_tower = encode.TextTower(clip)
-    del vae, tokens_model  # the loop never runs the frozen image encoders
+    del tokens_model  # the loop never runs the frozen image encoders
     encode_s = time.time() - t0
 
     # standardise the latents per channel with statistics of the training views
@@ -234,7 +271,8 @@ def main(args):
     z_n = (z - z_mean.view(1, -1, 1, 1)) / z_std.view(1, -1, 1, 1)
     fg = foreground(views, z.shape[-2:]).to(device)
 
-    # ---- trainables
+    # ---- trainables: their initialisation depends on the seed only, not on how the encoders were loaded
+    torch.manual_seed(args.seed)
     config = dict(vars(args))
     config.update(layers=layers, image_size=image_size, token_dim=real[0].shape[1], token_hw=real[0].shape[-1],
                   latent_channels=z.shape[1], latent_hw=z.shape[-1], n_views=len(views), held_out_views=len(held_idx),
@@ -343,7 +381,8 @@ def main(args):
         "latent_mean": z_mean.cpu().tolist(), "latent_std": z_std.cpu().tolist(),
         "state_dicts": {"eta": eta.state_dict(), "projection": proj.state_dict(), "mediclip": det.state_dict()},
         "calibration": calibration,
-        "stats": {"first": first, "last": row, "encode_s": encode_s, "train_s": train_s, "calib_s": calib_s},
+        "stats": {"first": first, "last": row, "encode_s": encode_s, "train_s": train_s, "calib_s": calib_s,
+                  "encodings_cached": bool(cached)},
         "code_version": code_version(),
     }
     path = os.path.join(out, "run.pt")

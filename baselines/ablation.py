@@ -6,7 +6,8 @@ seeds for every mode; each checkpoint is evaluated, and the cells are summarised
         --out runs/ablation -- --random-init --clip ViT-B-16 --steps 100
 
 Everything after `--` goes to train.py unchanged. Block by block (a dataset and a k): every seed x mode is
-trained, then all are evaluated together, one frozen CLIP forward per test batch serving every checkpoint (the
+trained (the modes of one seed share the frozen encodings of its views, train.py --cache <out>/cache), then all
+are evaluated together, one frozen CLIP forward per test batch serving every checkpoint (the
 test-set forward is the larger part of a run's cost). Resumable: a run whose metrics.json exists is skipped, and a
 run whose checkpoint exists is only evaluated; `--report-only` tabulates the runs finished so far and runs nothing.
 `--test-data NAME` evaluates every checkpoint on another dataset (a cross-dataset cell). Writes <out>/table.md
@@ -56,7 +57,8 @@ def train_one(args, dataset, k, mode, seed):
     folder = run_folder(args, dataset, k, mode, seed)
     if not os.path.isfile(os.path.join(folder, "run.pt")):
         train.main(train.parse_args(["--data", dataset, "--data-root", args.data_root, "--shots", str(k),
-                                     "--seed", str(seed), "--synth", mode, "--out", folder] + args.train_args))
+                                     "--seed", str(seed), "--synth", mode, "--out", folder,
+                                     "--cache", os.path.join(args.out, "cache")] + args.train_args))
 
 
 def evaluate_together(args, folders, test):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import encode
 import evaluate
 import train
 from conftest import TINY_CLIP
@@ -132,3 +133,22 @@ def test_bf16_autocast_trains_with_finite_losses(tmp_path):
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["config"]["bf16"] and all(np.isfinite(v) for v in ckpt["stats"]["last"].values())
     assert all(v.dtype == torch.float32 for v in ckpt["state_dicts"]["mediclip"].values() if v.is_floating_point())
+
+
+def test_cache_skips_the_encoders_and_changes_nothing(monkeypatch, tmp_path):
+    plain = torch.load(train.main(train.parse_args(TINY + ["--out", str(tmp_path / "plain")])), weights_only=True)
+    cache = ["--cache", str(tmp_path / "cache")]
+    first = torch.load(train.main(train.parse_args(TINY + cache + ["--out", str(tmp_path / "a")])), weights_only=True)
+    monkeypatch.setattr(encode, "load_medvae", lambda *a: (_ for _ in ()).throw(AssertionError("MedVAE loaded")))
+    again = torch.load(train.main(train.parse_args(TINY + cache + ["--out", str(tmp_path / "b")])), weights_only=True)
+    assert not first["stats"]["encodings_cached"] and again["stats"]["encodings_cached"]
+    for ckpt in (first, again):                   # bit-identical to a run without the cache
+        for name, sd in plain["state_dicts"].items():
+            assert all(torch.equal(v, ckpt["state_dicts"][name][k]) for k, v in sd.items())
+    # other views (another seed) are another key; an unreadable cache file is encoded again, not trusted
+    (next((tmp_path / "cache").iterdir())).write_bytes(b"not a tensor file")
+    monkeypatch.undo()
+    redone = torch.load(train.main(train.parse_args(TINY + cache + ["--out", str(tmp_path / "c")])), weights_only=True)
+    assert not redone["stats"]["encodings_cached"]
+    train.main(train.parse_args(TINY + cache + ["--seed", "1", "--out", str(tmp_path / "d")]))
+    assert len(list((tmp_path / "cache").iterdir())) == 2
