@@ -159,6 +159,18 @@ def load_detector(clip, layers, ckpt, path):
     return det.eval()
 
 
+def load_models(paths, args, device):
+    """The checkpoints, the frozen CLIP (once, for all of them) with its layers and conditions, and one detector
+    per checkpoint (CLIP's zero-shot detector when there is none), on the device."""
+    ckpts = [load_checkpoint(p) for p in paths]
+    if ckpts:
+        check_request(ckpts, paths, args)
+    clip, layers, backbone = load_backbone(args, ckpts)
+    dets = [load_detector(clip, layers, c, p).to(device) for c, p in zip(ckpts, paths)] or \
+           [load_detector(clip, layers, None, None).to(device)]
+    return ckpts, clip.to(device), layers, backbone, dets
+
+
 @torch.inference_mode()
 def predict(records, clip, dets, layers, args, device):
     """Anomaly maps (M, N, S, S) float16 and image scores (M, N) of M detectors on N records, and the masks
@@ -295,13 +307,7 @@ def main(args):
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     paths = [] if args.zero_shot else args.ckpt
-    ckpts = [load_checkpoint(p) for p in paths]
-    if ckpts:
-        check_request(ckpts, paths, args)
-    clip, layers, backbone = load_backbone(args, ckpts)
-    dets = [load_detector(clip, layers, c, p).to(device) for c, p in zip(ckpts, paths)] or \
-           [load_detector(clip, layers, None, None).to(device)]
-    clip = clip.to(device)
+    ckpts, clip, layers, backbone, dets = load_models(paths, args, device)
     cfg = ckpts[0]["config"] if ckpts else {}
     if args.images:
         records, name = data.list_images(args.images), os.path.abspath(args.images)

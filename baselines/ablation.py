@@ -5,13 +5,13 @@ seeds for every mode; each checkpoint is evaluated, and the cells are summarised
     python -m baselines.ablation --datasets brainmri busi --data-root ../shared/data --shots 1 4 --seeds 0 1 2 \
         --out runs/ablation -- --random-init --clip ViT-B-16 --steps 100
 
-Everything after `--` goes to train.py unchanged. Block by block (a dataset and a k): every seed x mode is
-trained (the modes of one seed share the frozen encodings of its views, train.py --cache <out>/cache), then all
-are evaluated together, one frozen CLIP forward per test batch serving every checkpoint (the
-test-set forward is the larger part of a run's cost). Resumable: a run whose metrics.json exists is skipped, and a
-run whose checkpoint exists is only evaluated; `--report-only` tabulates the runs finished so far and runs nothing.
-`--test-data NAME` evaluates every checkpoint on another dataset (a cross-dataset cell). Writes <out>/table.md
-(image and pixel AUROC per cell) and <out>/runs.json (every run with its full configuration and metrics).
+Everything after `--` goes to train.py unchanged. Block by block (a dataset and a k): every seed x mode is trained
+(the modes of one seed share the frozen encodings of its views, train.py --cache <out>/cache), then all are
+evaluated together, one frozen CLIP forward per test batch serving every checkpoint. Resumable: a run whose
+metrics.json exists is skipped, and a run whose checkpoint exists is only evaluated; `--report-only` tabulates the
+runs finished so far and runs nothing. `--test-data NAME` evaluates every checkpoint on another dataset (a
+cross-dataset cell). Writes <out>/table.md (image and pixel AUROC per cell) and <out>/runs.json (every run with
+its full configuration and metrics).
 """
 import argparse
 import json
@@ -67,13 +67,10 @@ def evaluate_together(args, folders, test):
     paths = [os.path.join(f, "run.pt") for f in folders]
     ev = evaluate.parse_args(["--ckpt", *paths, "--data", test, "--data-root", args.data_root, "--overlays", "0",
                               "--bootstrap", "0"])                  # the table's spread is over seeds
-    ckpts = [evaluate.load_checkpoint(p) for p in paths]
-    evaluate.check_request(ckpts, paths, ev)
-    clip, layers, backbone = evaluate.load_backbone(ev, ckpts)
     device = train.pick_device(ev.device)
-    dets = [evaluate.load_detector(clip, layers, c, p).to(device) for c, p in zip(ckpts, paths)]
+    ckpts, clip, layers, backbone, dets = evaluate.load_models(paths, ev, device)
     records = data.load_split(test, args.data_root, "test")
-    maps, scores, masks = evaluate.predict(records, clip.to(device), dets, layers, ev, device)  # (M, N, S, S), (M, N)
+    maps, scores, masks = evaluate.predict(records, clip, dets, layers, ev, device)   # (M, N, S, S), (M, N)
     for j, folder in enumerate(folders):
         evaluate.write_report(os.path.join(folder, f"eval-{test}"), test, records, maps[j:j + 1], scores[j:j + 1],
                               masks, [ckpts[j]], [paths[j]], backbone, ev)
