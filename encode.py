@@ -8,7 +8,9 @@ The frozen encoders: MedVAE (image -> latent z) and CLIP (image -> patch tokens;
   min-max to [0, 1], then (x - 0.5) / 0.5, then channel averaging for 1-channel models.
 - CLIP (Radford et al. 2021) through open_clip. As in MediCLIP (Zhang et al., MICCAI 2024) we take the
   patch tokens (CLS dropped) of residual blocks 12, 18, 24 of ViT-L-14 at 224 px, as (B, D, H, W).
-  The forward stops after the deepest block needed.
+  The forward stops after the deepest block needed. OpenAI's weights (the `openai` tag, the default) come
+  from the hub repos that hold them today and are built with QuickGELU; where weights come from and how
+  their files are read is weights.py.
 
 Everything here is frozen: eval mode, requires_grad False, and the encode_* functions run under
 torch.inference_mode (callers that feed the outputs to trainable modules clone them once).
@@ -17,21 +19,23 @@ torch.inference_mode (callers that feed the outputs to trainable modules clone t
     clip = encode.load_clip("ViT-B-16", random_init=True)
     tokens = encode.CLIPTokens(clip, layers=(6, 9, 12))
     feats = encode.encode_tokens(tokens, images)          # list of (B, D, H, W)
+
+    python encode.py --prefetch [--clip ViT-L-14 --pretrained openai --vae medvae_4_1_2d]   # fill the caches
 """
+import argparse
 import contextlib
 import io
 import os
-import socket
-from urllib.parse import urlparse
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-HF_HOST = "huggingface.co"
-MEDVAE_REPO = "stanfordmimi/MedVAE"
+import weights as W
+from weights import MEDVAE_REPO, WeightsUnavailable  # noqa: F401  (callers catch encode.WeightsUnavailable)
 
-# Architectures assumed for --random-init (real weights bring their own config from the hub).
+# Architectures assumed for --random-init and --vae-weights (the hub brings each model's own config).
 # MedVAE fine-tunes the KL autoencoders of Latent Diffusion (Rombach et al. 2022): kl-f4 is ch 128,
 # ch_mult (1, 2, 4), 2 res blocks; kl-f8 adds a level. Latent channels come from the model name, and
 # 1-channel models take 1-channel input (MedVAE averages the channels of their input).
@@ -44,43 +48,9 @@ MEDVAE_MODELS = {
     "medvae_8_4_2d": dict(ch=128, ch_mult=(1, 2, 4, 4), z_channels=4, in_channels=3),
     "medvae_tiny_2d": dict(ch=32, ch_mult=(1, 1, 2), z_channels=1, in_channels=1),
 }
+MEDVAE_LORA = ("medvae_4_3_2d", "medvae_8_4_2d")  # medvae's build_model injects LoRA (r=4) into these
+MEDVAE_OPTIONAL = ("channel_ds.", "channel_proj.")  # MedVAE's stage-2 head: loaded if present, never used here
 RANDOM_INIT_SEED = 0  # random backbones are drawn from a fixed seed, so train and evaluate see the same one
-
-
-class WeightsUnavailable(RuntimeError):
-    """Pretrained weights could not be found locally or downloaded."""
-
-
-# -----------------------------------------------------------------------------
-# fail fast when offline
-
-def check_online(host=HF_HOST, timeout=3.0):
-    """True if `host` answers on 443 within `timeout` s (hub clients otherwise retry for ~30 s)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def ways_out(what, flag):
-    return (f"{what}: not in the local cache and the download is not possible here (offline?). Ways out: "
-            f"run once with internet to populate the cache (then HF_HUB_OFFLINE=1 works), pass a local "
-            f"file with {flag} FILE, or use --random-init for a smoke run with random weights")
-
-
-def hub_file(repo, filename, flag):
-    """A file from the Hugging Face hub: the local cache first, then a download if the hub is reachable."""
-    from huggingface_hub import hf_hub_download
-    try:
-        return hf_hub_download(repo, filename, local_files_only=True)
-    except Exception:
-        pass
-    if not check_online():
-        raise WeightsUnavailable(ways_out(f"{repo}/{filename}", flag))
-    return hf_hub_download(repo, filename)
 
 
 def freeze(model):
@@ -96,68 +66,95 @@ def fixed_seed(seed=RANDOM_INIT_SEED):
         yield
 
 
-def load_state_file(path, flag):
-    """A plain state dict saved with torch.save, loaded safely (weights_only)."""
-    if not os.path.isfile(path):
-        raise WeightsUnavailable(f"{path}: no such weights file ({flag})")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsUnavailable(f"{path}: not a readable weights file ({type(e).__name__}: {e})".split("\n")[0])
-    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-    if not isinstance(sd, dict):
-        raise WeightsUnavailable(f"{path}: expected a state dict, found {type(sd).__name__}")
-    return sd
-
-
-def load_strict(model, sd, path):
-    try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise WeightsUnavailable(f"{path}: does not fit this architecture ({str(e).splitlines()[-1].strip()[:160]})")
-    if missing or unexpected:
-        raise WeightsUnavailable(f"{path}: does not fit this architecture "
-                                 f"({len(missing)} missing keys e.g. {missing[:2]}, "
-                                 f"{len(unexpected)} unexpected e.g. {unexpected[:2]})")
-
-
 # -----------------------------------------------------------------------------
 # CLIP
 
 def clip_names():
+    """open_clip's names that this project can use: ViTs with open_clip's built-in text tower."""
     import open_clip
-    return open_clip.list_models()
+    return [n for n in open_clip.list_models()
+            if "vision_cfg" in (cfg := open_clip.get_model_config(n) or {}) and "timm_model_name" not in
+            cfg["vision_cfg"] and not isinstance(cfg["vision_cfg"].get("layers"), (list, tuple))
+            and "hf_model_name" not in cfg.get("text_cfg", {}) and "multimodal_cfg" not in cfg]
+
+
+def clip_activation(model):
+    """'quickgelu' or 'gelu': the MLP activation the model was built with (every OpenAI CLIP needs QuickGELU)."""
+    from open_clip.transformer import QuickGELU
+    return "quickgelu" if any(isinstance(m, QuickGELU) for m in model.modules()) else "gelu"
+
+
+def create_clip(name, quickgelu):
+    import open_clip
+    return open_clip.create_model(name, pretrained=None, force_quick_gelu=quickgelu)
+
+
+def clip_from_file(name, path, quickgelu=None):
+    """open_clip `name` with the weights of `path` (safetensors, torch state dict or OpenAI TorchScript). The
+    activation: as asked (quickgelu True/False), else QuickGELU when the file is OpenAI's or the name says so."""
+    sd, info = W.read_state_dict(path, "--clip-weights")
+    if quickgelu is None:
+        quickgelu = name.endswith("-quickgelu") or bool(info["openai"])
+        if info["openai"] and not name.endswith("-quickgelu"):
+            print(f"{path}: OpenAI's CLIP weights ({info['format']}): built {name} with QuickGELU")
+        elif info["openai"] is None and not name.endswith("-quickgelu"):
+            alt = f"--clip {name}-quickgelu" if f"{name}-quickgelu" in clip_names() else \
+                  "an open_clip_config.json with quick_gelu beside the file"
+            print(f"warning: {path}: the file does not say whether it is OpenAI's CLIP (QuickGELU) or not; built "
+                  f"{name} with GELU. If it holds OpenAI's weights, pass {alt}")
+    model = create_clip(name, quickgelu)
+    sd = {k: v for k, v in sd.items() if k not in W.OPENAI_EXTRA_KEYS}
+    ignored = W.load_exact(model, sd, path)
+    if ignored:
+        print(f"{path}: ignored {W.summarise_ignored(ignored)}")
+    return model
+
+
+def clip_weights_file(name, pretrained):
+    """The local file of an open_clip pretrained tag (downloaded into its cache if need be), and whether the
+    weights need QuickGELU: `openai` from the hub repos that hold OpenAI's weights today (or a legacy
+    ~/.cache/clip file), other hub tags from the hub, URL tags through open_clip's own download."""
+    import open_clip
+    base = name.replace("-quickgelu", "")
+    cfg = open_clip.get_pretrained_cfg(name, pretrained) or open_clip.get_pretrained_cfg(base, pretrained)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise ValueError(f"unknown pretrained tag {pretrained!r} for {name}; valid: {', '.join(tags)}")
+    if pretrained == "openai":
+        return W.legacy_openai_file(name) or W.hub_file(W.OPENAI_HUB[base], W.OPEN_CLIP_FILES, "--clip-weights"), True
+    quickgelu = name.endswith("-quickgelu")
+    if cfg.get("hf_hub"):
+        repo, filename = cfg["hf_hub"].rstrip("/"), None
+        if repo.count("/") > 1:
+            repo, filename = repo.rsplit("/", 1)
+        return W.hub_file(repo, [filename] if filename else W.OPEN_CLIP_FILES, "--clip-weights"), quickgelu
+    url = cfg["url"]  # GitHub releases and the like: open_clip's own download and cache (~/.cache/clip)
+    from open_clip.pretrained import download_pretrained_from_url
+    cached = os.path.isfile(os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url)))
+    why = None if cached else W.probe(url)
+    if why:
+        raise WeightsUnavailable(f"CLIP {name} ({pretrained}): not in ~/.cache/clip and {why}: offline? "
+                                 f"{W.ways_out('--clip-weights')}")
+    try:
+        return download_pretrained_from_url(url), quickgelu
+    except Exception as e:
+        raise WeightsUnavailable(f"CLIP {name} ({pretrained}) from {url}: {type(e).__name__}: "
+                                 f"{' '.join(str(e).split())[:160]}") from None
 
 
 def load_clip(name="ViT-L-14", pretrained="openai", weights=None, random_init=False):
-    """A frozen open_clip model: pretrained tag, a local state-dict file, or (explicitly) random weights."""
-    import open_clip
-    if name not in open_clip.list_models():
-        raise ValueError(f"unknown CLIP model {name!r}; valid: {', '.join(open_clip.list_models())}")
-    if random_init:
+    """A frozen open_clip model: from a local weights file (it wins over --random-init), random weights (only
+    when asked), or the pretrained tag's file (clip_weights_file)."""
+    if name not in clip_names():
+        raise ValueError(f"unknown or unsupported CLIP model {name!r} (a ViT with open_clip's own text tower is "
+                         f"needed); valid: {', '.join(clip_names())}")
+    if weights:
+        return freeze(clip_from_file(name, weights))
+    if random_init:  # the architecture the tag would load: OpenAI's tags mean QuickGELU
         with fixed_seed():
-            model = open_clip.create_model(name, pretrained=None)
-    elif weights:
-        model = open_clip.create_model(name, pretrained=None)
-        load_strict(model, load_state_file(weights, "--clip-weights"), weights)
-    else:
-        cfg = open_clip.get_pretrained_cfg(name, pretrained)
-        if not cfg:
-            tags = open_clip.list_pretrained_tags_by_model(name)
-            raise ValueError(f"unknown pretrained tag {pretrained!r} for {name}; valid: {', '.join(tags)}")
-        url = cfg.get("url", "")
-        if not url:  # a hub tag: resolve the file through the HF cache ourselves, then load it
-            model_id, filename = os.path.split(cfg["hf_hub"])
-            path = hub_file(model_id, filename or "open_clip_pytorch_model.bin", "--clip-weights")
-            return freeze(open_clip.create_model(name, pretrained=path))
-        cached = os.path.isfile(os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url)))
-        if not cached and not check_online(urlparse(url).netloc):
-            raise WeightsUnavailable(ways_out(f"CLIP {name} ({pretrained})", "--clip-weights"))
-        try:
-            model = open_clip.create_model(name, pretrained=pretrained)
-        except Exception as e:  # a broken or interrupted download
-            raise WeightsUnavailable(ways_out(f"CLIP {name} ({pretrained}): {type(e).__name__}", "--clip-weights"))
-    return freeze(model)
+            return freeze(create_clip(name, quickgelu=pretrained == "openai" or name.endswith("-quickgelu")))
+    path, quickgelu = clip_weights_file(name, pretrained)
+    return freeze(clip_from_file(name, path, quickgelu))
 
 
 def clip_normalise(x, clip):
@@ -261,33 +258,56 @@ def medvae_ddconfig(name):
                 attn_resolutions=[], dropout=0.0)
 
 
-def build_medvae_random(name):
-    """The medvae package's 2D autoencoder with the architecture of MEDVAE_MODELS[name], random weights."""
+def build_medvae(name, ddconfig, embed_dim):
+    """The medvae package's 2D autoencoder, as its build_model makes it (with LoRA where it injects it)."""
     from medvae.models import AutoencoderKL_2D
-    return AutoencoderKL_2D(ddconfig=medvae_ddconfig(name), embed_dim=MEDVAE_MODELS[name]["z_channels"])
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints its architecture while building
+        model = AutoencoderKL_2D(ddconfig=dict(ddconfig), embed_dim=embed_dim)
+        if name in MEDVAE_LORA:
+            from medvae.utils.lora import inject_trainable_lora_extended
+            inject_trainable_lora_extended(model, {"ResnetBlock", "AttnBlock"}, r=4)
+    return model
+
+
+def read_medvae_config(path):
+    """(ddconfig, embed_dim) from a MedVAE yaml: top level, or under model.params (the LoRA models' files)."""
+    import yaml
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+        cfg = cfg["model"]["params"] if "model" in cfg else cfg
+        return cfg["ddconfig"], int(cfg["embed_dim"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
+        raise WeightsUnavailable(f"{path}: not a MedVAE config ({type(e).__name__}: {e})".splitlines()[0]) from None
 
 
 def load_medvae(name="medvae_4_1_2d", weights=None, random_init=False):
-    """A frozen MedVAE 2D autoencoder: from the hub (cache first), a local checkpoint, or random weights."""
+    """A frozen MedVAE 2D autoencoder: a local checkpoint (wins over --random-init), random weights, or the hub
+    (cache first). The hub and a file take the same path: exactly the autoencoder's keys are loaded, what the
+    file holds besides (LDM's loss.*, Lightning's extras) is named and ignored, anything missing fails."""
     if name not in MEDVAE_MODELS:
         raise ValueError(f"unknown MedVAE model {name!r}; valid: {', '.join(MEDVAE_MODELS)}")
-    quiet = contextlib.redirect_stdout(io.StringIO())  # the package prints its architecture while building
-    if random_init:
-        with fixed_seed(), quiet:
-            model = build_medvae_random(name)
-    elif weights:
-        with quiet:
-            model = build_medvae_random(name)
-        load_strict(model, load_state_file(weights, "--vae-weights"), weights)
+    if weights:
+        ckpt, (ddconfig, embed_dim) = weights, (medvae_ddconfig(name), MEDVAE_MODELS[name]["z_channels"])
+    elif random_init:
+        with fixed_seed():
+            return freeze(build_medvae(name, medvae_ddconfig(name), MEDVAE_MODELS[name]["z_channels"]))
     else:
-        from medvae.utils.factory import FILE_DICT_ASSOCIATIONS, build_model
+        from medvae.utils.factory import FILE_DICT_ASSOCIATIONS
         if name not in FILE_DICT_ASSOCIATIONS:
             raise ValueError(f"{name} has no published weights; use --random-init")
         files = FILE_DICT_ASSOCIATIONS[name]
-        config = hub_file(MEDVAE_REPO, files["config"], "--vae-weights")
-        ckpt = hub_file(MEDVAE_REPO, files["ckpt"], "--vae-weights")
-        with quiet:
-            model = build_model(name, config, ckpt)  # the package's own build path
+        ddconfig, embed_dim = read_medvae_config(W.hub_file(MEDVAE_REPO, files["config"], "--vae-weights"))
+        ckpt = W.hub_file(MEDVAE_REPO, files["ckpt"], "--vae-weights")
+    model = build_medvae(name, ddconfig, embed_dim)
+    sd, info = W.read_state_dict(ckpt, "--vae-weights")
+    ignored = W.load_exact(model, sd, ckpt, optional=MEDVAE_OPTIONAL)
+    absent = [k for k in model.state_dict() if k not in sd]
+    notes = [f"ignored {W.summarise_ignored(ignored)}"] * bool(ignored) + \
+            [f"absent (unused here) {W.summarise_ignored(absent)}"] * bool(absent) + \
+            [f"skipped pickled objects {', '.join(info['skipped_objects'])}"] * bool(info["skipped_objects"])
+    if notes:
+        print(f"MedVAE {name} from {ckpt}: " + "; ".join(notes))
     return freeze(model)
 
 
@@ -310,3 +330,37 @@ def encode_latents(vae, images, batch_size=4, autocast=contextlib.nullcontext):
         with autocast():
             outs.append(vae.encode(x).mode().float())
     return torch.cat(outs)
+
+
+# -----------------------------------------------------------------------------
+# prefetch: for clusters whose compute nodes are offline
+
+def medvae_files(name):
+    from medvae.utils.factory import FILE_DICT_ASSOCIATIONS
+    if name not in FILE_DICT_ASSOCIATIONS:
+        raise ValueError(f"{name} has no published weights; valid: {', '.join(FILE_DICT_ASSOCIATIONS)}")
+    return [W.hub_file(MEDVAE_REPO, f, "--vae-weights") for f in FILE_DICT_ASSOCIATIONS[name].values()]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Download every file the frozen encoders need into the caches "
+                                "(HF_HOME / HF_HUB_CACHE), so that later runs work with HF_HUB_OFFLINE=1.")
+    p.add_argument("--prefetch", action="store_true", required=True, help="download and print path and sha256")
+    p.add_argument("--clip", default="ViT-L-14", help="open_clip model name, as train.py --clip")
+    p.add_argument("--pretrained", default="openai", help="open_clip pretrained tag, as train.py --pretrained")
+    p.add_argument("--vae", default="medvae_4_1_2d", help="MedVAE model, as train.py --vae")
+    args = p.parse_args(argv)
+    if args.clip not in clip_names():
+        raise ValueError(f"unknown or unsupported CLIP model {args.clip!r}; valid: {', '.join(clip_names())}")
+    paths = [clip_weights_file(args.clip, args.pretrained)[0]] + medvae_files(args.vae)
+    for path in paths:
+        print(f"{W.sha256(path)}  {os.path.getsize(path) / 2**20:9.1f} MiB  {path}")
+    print(f"cache: {W.hub_cache()}; on the offline nodes share it (HF_HOME or HF_HUB_CACHE) and set HF_HUB_OFFLINE=1")
+    return paths
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (WeightsUnavailable, ValueError) as e:
+        sys.exit(f"error: {e}")

@@ -27,7 +27,6 @@ metrics.py (AUROC, AP, AUPRO, bootstrap CIs, ROC figure) and calibration.py (Pla
 """
 import argparse
 import csv
-import hashlib
 import json
 import os
 import pickle
@@ -43,6 +42,7 @@ import data
 import encode
 import mediclip
 import metrics
+from weights import sha256
 from train import FORMAT_VERSION, bf16_autocast, code_version, pick_device, resolve_layers
 
 class CheckpointError(ValueError):
@@ -112,18 +112,10 @@ def check_request(ckpts, paths, args):
             raise CheckpointError(f"{path}: made for CLIP {cfg['clip']}, but --clip {args.clip} was requested")
         if args.layers and list(args.layers) != list(cfg["layers"]):
             raise CheckpointError(f"{path}: made for layers {cfg['layers']}, but --layers {args.layers} was requested")
-        for key in ("clip", "pretrained", "clip_weights", "random_init", "layers"):
-            if cfg[key] != first[key]:
+        for key in ("clip", "pretrained", "clip_weights", "random_init", "layers", "clip_act"):
+            if cfg.get(key) != first.get(key):
                 raise CheckpointError(f"{path}: its {key} {cfg[key]} differs from {paths[0]}'s {first[key]}; an "
                                       f"ensemble must share one backbone")
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_backbone(args, ckpts):
@@ -131,12 +123,16 @@ def load_backbone(args, ckpts):
     cfg = ckpts[0]["config"] if ckpts else dict(clip=args.clip or "ViT-L-14", pretrained="openai", clip_weights=None,
                                                 random_init=args.random_init, layers=None, data=None)
     pretrained, weights = args.pretrained or cfg["pretrained"], args.clip_weights or cfg["clip_weights"]
-    clip = encode.load_clip(cfg["clip"], pretrained, weights, cfg["random_init"])
+    clip = encode.load_clip(cfg["clip"], pretrained, weights, cfg["random_init"])   # a weights file wins
+    act, random_init = encode.clip_activation(clip), cfg["random_init"] and not weights
+    if ckpts and cfg.get("clip_act", act) != act:  # the same tokens need the same activation (OpenAI: QuickGELU)
+        raise CheckpointError(f"{args.ckpt[0]}: trained on CLIP {cfg['clip']} with {cfg['clip_act']}, but the weights "
+                              f"given here build it with {act}; evaluate with the weights it was trained with")
     layers = cfg["layers"] or resolve_layers(args.layers, len(clip.visual.transformer.resblocks))
-    backbone = dict(clip=cfg["clip"], layers=layers, random_init=cfg["random_init"],
-                    weights="random" if cfg["random_init"] else
+    backbone = dict(clip=cfg["clip"], activation=act, layers=layers, random_init=random_init,
+                    weights="random" if random_init else
                     f"file {os.path.abspath(weights)}" if weights else f"open_clip tag {pretrained}",
-                    weights_sha256=sha256(weights) if weights and not cfg["random_init"] else None)
+                    weights_sha256=sha256(weights) if weights else None)
     return clip, layers, backbone
 
 

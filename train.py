@@ -167,8 +167,9 @@ def cache_key(views, layers, device, args):
     """What the frozen encodings of the views depend on: their pixels (so the data, shots, seed and
     augmentation), the encoders and their weights, the precision, and the code of encode.py."""
     h = hashlib.sha256(views.contiguous().numpy().tobytes())
-    with open(encode.__file__, "rb") as f:
-        h.update(f.read())
+    for module in (encode, encode.W):
+        with open(module.__file__, "rb") as f:
+            h.update(f.read())
     files = [(os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)) if p else None
              for p in (args.clip_weights, args.vae_weights)]
     h.update(repr((args.clip, args.pretrained, args.random_init, list(layers), args.vae, files, device.type,
@@ -234,6 +235,10 @@ def main(args):
     clip = encode.load_clip(args.clip, args.pretrained, args.clip_weights, args.random_init).to(device)
     image_size = clip.visual.image_size if isinstance(clip.visual.image_size, int) else clip.visual.image_size[0]
     layers = resolve_layers(args.layers, len(clip.visual.transformer.resblocks))
+    clip_random, vae_random = args.random_init and not args.clip_weights, args.random_init and not args.vae_weights
+    if clip_random or vae_random:
+        print(f"warning: random {' and '.join(['CLIP'] * clip_random + ['MedVAE'] * vae_random)} weights "
+              f"(--random-init): a smoke run; its numbers say nothing about the method")
     images, _ = data.load_images(shots, image_size)                        # (k, 3, S, S)
     views = data.augment_views(images, args.views, args.seed)              # (k V, 3, S, S)
     tokens_model = encode.CLIPTokens(clip, layers)
@@ -274,7 +279,8 @@ def main(args):
     # ---- trainables: their initialisation depends on the seed only, not on how the encoders were loaded
     torch.manual_seed(args.seed)
     config = dict(vars(args))
-    config.update(layers=layers, image_size=image_size, token_dim=real[0].shape[1], token_hw=real[0].shape[-1],
+    config.update(layers=layers, clip_act=encode.clip_activation(clip), clip_random=clip_random,
+                  vae_random=vae_random, image_size=image_size, token_dim=real[0].shape[1], token_hw=real[0].shape[-1],
                   latent_channels=z.shape[1], latent_hw=z.shape[-1], n_views=len(views), held_out_views=len(held_idx),
                   bank_size=len(bank_masks) if uses_bank else 0)
     eta, proj, det = (m.to(device) for m in build_trainables(config, clip))

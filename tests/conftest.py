@@ -1,7 +1,10 @@
 """Shared test fixtures: tiny random models that make every test run on a CPU in seconds."""
+import argparse
 import json
 import os
+import pathlib
 import sys
+import types
 
 import pytest
 import torch
@@ -38,3 +41,22 @@ def tiny_clip_config(tmp_path_factory):
 def tiny_clip():
     import encode
     return encode.load_clip(TINY_CLIP, random_init=True)
+
+
+def lightning_checkpoint(state_dict, path):
+    """What an LDM / Lightning checkpoint holds besides the weights: the training loss's modules (loss.*),
+    hyper-parameters, a path, and a callback keyed by a class of a package that is not installed here."""
+    names = ("pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint")
+    mods = {n: types.ModuleType(n) for n in names}
+    mod = mods[names[-1]]
+    mod.ModelCheckpoint = type("ModelCheckpoint", (), {"__module__": mod.__name__})
+    sys.modules.update(mods)
+    try:
+        torch.save({"state_dict": {**state_dict, "loss.logvar": torch.zeros(()),
+                                   "loss.discriminator.main.0.weight": torch.randn(8, 3, 4, 4)},
+                    "epoch": 3, "global_step": 1000, "hyper_parameters": argparse.Namespace(lr=4.5e-6),
+                    "callbacks": {mod.ModelCheckpoint: {"best_model_path": pathlib.PurePosixPath("/ckpt/last.ckpt")}}},
+                   path)
+    finally:
+        for n in names:
+            del sys.modules[n]

@@ -1,5 +1,8 @@
 """Frozen encoders: shapes, and parity with the real open_clip and medvae packages."""
+import copy
+import socket
 import time
+import warnings
 
 import open_clip
 import pytest
@@ -8,7 +11,8 @@ import yaml
 
 import encode
 import mediclip
-from conftest import TINY_CLIP
+import weights
+from conftest import TINY_CLIP, lightning_checkpoint
 
 
 def test_clip_tokens_match_forward_hooks(tiny_clip):
@@ -55,16 +59,104 @@ def test_prompt_text_tower_reproduces_encode_text(tiny_clip):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
-def test_clip_weights_file_loads_bit_for_bit(tmp_path, tiny_clip):
-    path = tmp_path / "clip.pt"
-    torch.save(tiny_clip.state_dict(), path)
-    loaded = encode.load_clip(TINY_CLIP, weights=str(path))
-    for (k, a), b in zip(tiny_clip.state_dict().items(), loaded.state_dict().values()):
-        assert torch.equal(a, b), k
-    assert not any(p.requires_grad for p in loaded.parameters())
+def offline(monkeypatch, tmp_path):
+    """No route to the hub, an empty HF cache and an empty ~/.cache/clip."""
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(weights, "probe", lambda *a, **k: "no route to https://huggingface.co:443 (test)")
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HOME", str(tmp_path))
 
 
-def test_clip_weights_for_another_architecture(tmp_path, tiny_clip):
+def test_offline_clip_fails_fast_with_ways_out(monkeypatch, tmp_path):
+    offline(monkeypatch, tmp_path)
+    t = time.time()
+    with pytest.raises(encode.WeightsUnavailable) as e:
+        encode.load_clip("ViT-B-16", "openai")
+    assert time.time() - t < 10
+    msg = str(e.value)
+    assert "timm/vit_base_patch16_clip_224.openai" in msg and "no route" in msg
+    assert "--clip-weights" in msg and "--random-init" in msg and "--prefetch" in msg
+
+
+def test_only_usable_clip_models_are_listed():
+    names = encode.clip_names()
+    assert "ViT-L-14" in names and "ViT-B-16-quickgelu" in names and "RN50" not in names
+    with pytest.raises(ValueError, match="unsupported CLIP model 'RN50'"):
+        encode.load_clip("RN50", random_init=True)
+
+
+# -----------------------------------------------------------------------------
+# CLIP weights files: every published format, OpenAI's detected (QuickGELU), nothing executed
+
+def traced_openai_archive(model, path):
+    """A TorchScript archive shaped like OpenAI's CLIP .pt files: the traced model with their extra buffers."""
+    m = copy.deepcopy(model)
+    for k, v in (("input_resolution", 64), ("context_length", 77), ("vocab_size", 49408)):
+        m.__dict__.pop(k, None)                     # open_clip keeps the last two as plain ints
+        m.register_buffer(k, torch.tensor(v))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                  # the tracer's notes on Python control flow
+        traced = torch.jit.trace(m, (torch.rand(1, 3, 64, 64), torch.zeros(1, 77, dtype=torch.long)),
+                                 check_trace=False)
+    torch.jit.save(traced, str(path))
+
+
+def assert_same_weights(a, b):
+    sb = b.state_dict()
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, sb[k]), k
+
+
+def test_clip_weights_files_in_every_format(tmp_path, tiny_clip, monkeypatch, capsys):
+    from safetensors.torch import save_file
+    sd = tiny_clip.state_dict()
+    torch.save(sd, tmp_path / "open_clip_pytorch_model.bin")
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "open_clip_model.safetensors")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "ddp.pt")
+    torch.save({**sd, "input_resolution": torch.tensor(64)}, tmp_path / "openai_state_dict.pt")
+    traced_openai_archive(tiny_clip, tmp_path / "ViT-tiny-openai.pt")
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("TorchScript must not be loaded"))
+    expect = {"open_clip_pytorch_model.bin": "gelu", "open_clip_model.safetensors": "gelu", "ddp.pt": "gelu",
+              "openai_state_dict.pt": "quickgelu", "ViT-tiny-openai.pt": "quickgelu"}
+    for name, act in expect.items():
+        loaded = encode.load_clip(TINY_CLIP, weights=str(tmp_path / name), random_init=True)   # the file wins
+        assert_same_weights(tiny_clip, loaded)
+        assert encode.clip_activation(loaded) == act, name
+        assert not any(p.requires_grad for p in loaded.parameters())
+    out = capsys.readouterr().out
+    assert "OpenAI's CLIP weights (torchscript): built ViT-tiny-test with QuickGELU" in out
+    assert "does not say whether it is OpenAI's CLIP (QuickGELU)" in out      # the plain state dicts
+
+
+def test_a_hub_snapshot_says_it_is_openai(tmp_path, tiny_clip, capsys):
+    snap = tmp_path / "models--timm--x" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    torch.save(tiny_clip.state_dict(), snap / "open_clip_pytorch_model.bin")
+    (snap / "open_clip_config.json").write_text('{"model_cfg": {"quick_gelu": true}}')
+    loaded = encode.load_clip(TINY_CLIP, weights=str(snap / "open_clip_pytorch_model.bin"))
+    assert encode.clip_activation(loaded) == "quickgelu"
+    torch.save(tiny_clip.state_dict(), tmp_path / "plain.bin")             # says nothing of where it is from
+    with pytest.raises(encode.WeightsUnavailable, match="does not fit"):
+        encode.clip_from_file("ViT-B-16", str(tmp_path / "plain.bin"))
+    assert "If it holds OpenAI's weights, pass --clip ViT-B-16-quickgelu" in capsys.readouterr().out
+
+
+def test_legacy_openai_cache_file_is_used_offline(tmp_path, tiny_clip, monkeypatch):
+    """A ~/.cache/clip/<name>.pt that open_clip <= 2.28 downloaded is read (its tensors only) without network."""
+    from open_clip import pretrained
+    url = "https://openaipublic.azureedge.net/clip/models/0000/ViT-tiny-test.pt"
+    monkeypatch.setitem(pretrained._PRETRAINED, TINY_CLIP, {"openai": pretrained._pcfg(url)})
+    monkeypatch.setitem(weights.OPENAI_HUB, TINY_CLIP, "timm/none.openai")
+    offline(monkeypatch, tmp_path)
+    (tmp_path / ".cache" / "clip").mkdir(parents=True)
+    traced_openai_archive(tiny_clip, tmp_path / ".cache" / "clip" / "ViT-tiny-test.pt")
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("network access attempted"))
+    loaded = encode.load_clip(TINY_CLIP, "openai")
+    assert_same_weights(tiny_clip, loaded)
+    assert encode.clip_activation(loaded) == "quickgelu"
+
+
+def test_clip_weights_for_another_architecture(tmp_path):
     path = tmp_path / "clip.pt"
     torch.save({"visual.conv1.weight": torch.zeros(1)}, path)
     with pytest.raises(encode.WeightsUnavailable, match="does not fit"):
@@ -74,16 +166,7 @@ def test_clip_weights_for_another_architecture(tmp_path, tiny_clip):
 def test_random_init_is_the_same_every_time():
     a, b = encode.load_clip(TINY_CLIP, random_init=True), encode.load_clip(TINY_CLIP, random_init=True)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-
-
-def test_offline_clip_fails_fast_with_ways_out(monkeypatch, tmp_path):
-    monkeypatch.setattr(encode, "check_online", lambda *a, **k: False)
-    monkeypatch.setenv("HOME", str(tmp_path))       # an empty ~/.cache/clip
-    t = time.time()
-    with pytest.raises(encode.WeightsUnavailable) as e:
-        encode.load_clip("ViT-B-16", "openai")
-    assert time.time() - t < 10
-    assert "--clip-weights" in str(e.value) and "--random-init" in str(e.value)
+    assert encode.clip_activation(a) == "quickgelu"        # the default tag is openai: its architecture
 
 
 def test_unknown_names_list_the_valid_ones():
@@ -122,7 +205,7 @@ def test_medvae_latents_match_the_package(tmp_path, monkeypatch):
     assert z.shape == (2, 1, 16, 16)
     torch.testing.assert_close(z, ref)
     # and our hub path builds through the package too
-    monkeypatch.setattr(encode, "hub_file", lambda repo, f, flag: files["config"] if f.endswith(".yaml") else ckpt)
+    monkeypatch.setattr(weights, "hub_file", lambda repo, f, flag: files["config"] if f.endswith(".yaml") else ckpt)
     torch.testing.assert_close(encode.encode_latents(encode.load_medvae("medvae_4_1_2d"), x), ref)
 
 
@@ -139,9 +222,31 @@ def test_medvae_normalisation_matches_the_package_transform(tmp_path):
 
 
 def test_offline_medvae_fails_fast(monkeypatch, tmp_path):
-    monkeypatch.setattr(encode, "check_online", lambda *a, **k: False)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    offline(monkeypatch, tmp_path)
     t = time.time()
     with pytest.raises(encode.WeightsUnavailable, match="--vae-weights"):
         encode.load_medvae("medvae_4_1_2d")
     assert time.time() - t < 10
+
+
+def test_medvae_lightning_checkpoint_same_by_file_and_by_hub(tmp_path, monkeypatch, capsys):
+    """LDM's loss.* keys are named and ignored, Lightning's pickled extras are skipped without running them
+    (medvae's own loader refuses this file under torch's weights_only default), the weights are the same."""
+    from medvae.models import AutoencoderKL_2D
+    model, cfg, _ = write_medvae_files(tmp_path)
+    lightning_checkpoint(model.state_dict(), tmp_path / "lightning.ckpt")
+    ckpt = str(tmp_path / "lightning.ckpt")
+    with pytest.raises(Exception, match="weights_only"):
+        AutoencoderKL_2D(ddconfig=encode.medvae_ddconfig("medvae_tiny_2d"), embed_dim=1, ckpt_path=ckpt)
+    by_file = encode.load_medvae("medvae_tiny_2d", weights=ckpt, random_init=True)   # the file wins
+    monkeypatch.setattr(weights, "hub_file", lambda repo, f, flag: cfg if f.endswith(".yaml") else ckpt)
+    by_hub = encode.load_medvae("medvae_4_1_2d")
+    for a in (by_file, by_hub):
+        for k, v in model.state_dict().items():
+            assert torch.equal(a.state_dict()[k], v), k
+    out = capsys.readouterr().out
+    assert "ignored loss.* (2)" in out and "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint" in out
+    sd = {k: v for k, v in model.state_dict().items() if k != "encoder.conv_in.weight"}
+    torch.save({"state_dict": sd}, tmp_path / "missing.ckpt")
+    with pytest.raises(encode.WeightsUnavailable, match="1 missing keys e.g. .'encoder.conv_in.weight'"):
+        encode.load_medvae("medvae_tiny_2d", weights=str(tmp_path / "missing.ckpt"))

@@ -45,3 +45,12 @@ def test_random_init_never_touches_the_network(monkeypatch, tmp_path):
     monkeypatch.setattr(socket, "create_connection", refuse)
     path = train.main(train.parse_args(TINY + ["--out", str(tmp_path)]))
     assert evaluate.main(evaluate.parse_args(["--ckpt", path, "--overlays", "0"]))["image"]["auroc"] >= 0
+
+
+def test_evaluate_refuses_another_activation(tmp_path, tiny_clip):
+    """Trained on OpenAI-style weights (QuickGELU); weights that build GELU give other tokens: refused."""
+    path = train.main(train.parse_args(TINY + ["--out", str(tmp_path)]))
+    assert torch.load(path, weights_only=True)["config"]["clip_act"] == "quickgelu"
+    torch.save(tiny_clip.state_dict(), tmp_path / "plain.bin")
+    with pytest.raises(evaluate.CheckpointError, match="with quickgelu, but the weights given here build it with gelu"):
+        evaluate.main(evaluate.parse_args(["--ckpt", path, "--clip-weights", str(tmp_path / "plain.bin")]))
