@@ -27,6 +27,11 @@ from PIL import Image, ImageOps
 from scipy.ndimage import gaussian_filter, label as cc_label
 
 DATASETS = ("brainmri", "busi", "chexpert", "synthetic")
+# where the public datasets come from: MediCLIP's data README packages each in the layout read here
+MEDICLIP_DATA = "https://github.com/cnulab/MediCLIP/tree/main/data (its README links each dataset, packaged)"
+SOURCES = {"brainmri": "Kaggle 'Brain MRI Images for Brain Tumor Detection' (navoneel)",
+           "busi": "BUSI, Al-Dhabyani et al. 2020 (Cairo University)",
+           "chexpert": "CheXpert (Stanford ML Group)"}
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MIN_SIDE = 32  # anything smaller is a thumbnail or an icon, not a scan
 MASK_DIRS = ("anomaly_mask", "label")  # MVFA renamed BMAD's "label" folder; accept both
@@ -55,20 +60,29 @@ def load_split(name, root, split, seed=0):
         recs = _synthetic(split, seed)
     else:
         root = os.fspath(root)
-        if not os.path.isdir(root):
-            raise DataError(f"{root}: data root folder does not exist")
         base = os.path.join(root, name)
         json_path = os.path.join(base, "samples", f"{split}.json")
         if os.path.isfile(json_path):
             recs = _mediclip(base, json_path)
         elif _is_mvfa(base):
             recs = _mvfa(base, split)
+        elif not os.path.isdir(base):
+            raise DataError(missing_dataset(name, root))
         else:
             raise DataError(f"{base}: no dataset here (looked for samples/{split}.json, an MVFA "
                             f"valid/test folder); named datasets: {', '.join(DATASETS)}")
         if not recs:
             raise DataError(f"{base}: split {split!r} is empty (no images listed or found)")
     return sorted(recs, key=lambda r: r["name"])
+
+
+def missing_dataset(name, root):
+    """Where a dataset that is not there comes from, where it goes, and the flag that points elsewhere."""
+    where = f"{os.path.abspath(root)}" + ("" if os.path.isdir(root) else " (that folder does not exist)")
+    source = f"{SOURCES[name]}; get it from " if name in SOURCES else "MediCLIP-layout datasets: see "
+    return (f"{os.path.join(root, name)}: dataset {name!r} not found under the data root {where}. {source}"
+            f"{MEDICLIP_DATA}, unpack it as <root>/{name}/samples + images, and pass --data-root <root> "
+            f"(or --data synthetic for a run that needs no download)")
 
 
 def _mediclip(base, json_path):

@@ -227,3 +227,10 @@ def test_load_images_and_augment(synth):
     assert not torch.equal(v[1], x[0])
     assert torch.equal(v, data.augment_views(x[:2], 4, seed=0))
     assert not torch.equal(v, data.augment_views(x[:2], 4, seed=1))
+
+
+def test_a_missing_dataset_says_where_it_comes_from_and_which_flag(tmp_path):
+    with pytest.raises(data.DataError) as e:
+        data.load_split("brainmri", tmp_path / "nowhere", "train")
+    msg = str(e.value)
+    assert "Kaggle" in msg and "cnulab/MediCLIP" in msg and "--data-root" in msg and "does not exist" in msg
