@@ -206,3 +206,17 @@ def test_openai_old_host_is_gone_and_not_needed(hub, monkeypatch, tmp_path):
         open_clip.create_model("ViT-B-16", pretrained="openai", cache_dir=str(tmp_path / "oc"))
     msg = fails_fast(lambda: encode.clip_weights_file("ViT-B-16", "openai"), "HTTP 401")
     assert CLIP_REPO in msg
+
+
+def test_other_hub_tags_fall_back_to_the_bin_file(hub, tmp_path, monkeypatch, tiny_clip):
+    """A non-OpenAI hub tag (e.g. laion2b): safetensors first, the .bin when the repo (or mirror) has only that."""
+    from open_clip import pretrained
+    from conftest import TINY_CLIP
+    torch.save(tiny_clip.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    hub.add("laion/tiny", "open_clip_pytorch_model.bin", tmp_path / "open_clip_pytorch_model.bin")
+    monkeypatch.setitem(pretrained._PRETRAINED, TINY_CLIP, {"laion": pretrained._pcfg(hf_hub="laion/tiny/")})
+    clip = encode.load_clip(TINY_CLIP, "laion")
+    assert encode.clip_activation(clip) == "gelu"
+    for k, v in clip.state_dict().items():
+        assert torch.equal(v, tiny_clip.state_dict()[k]), k
+    assert ("HEAD", "/laion/tiny/resolve/main/open_clip_model.safetensors") in hub.requests
