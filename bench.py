@@ -36,7 +36,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Benchmark training and evaluation cost.")
+    p = argparse.ArgumentParser(description="Benchmark training and evaluation cost.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="ViT-B-16 only, small work (about a minute)")
     p.add_argument("--clips", nargs="+", default=["ViT-B-16", "ViT-L-14"], help="backbones to time")
     p.add_argument("--steps", type=int, default=20, help="training steps of both whole runs")
@@ -123,8 +124,8 @@ def bench_backbone(name, args, tmp):
                                         "--views", str(args.views), "--eta-warmup", "0",
                                         "--out", os.path.join(tmp, name)] + (["--bf16"] if args.bf16 else [])))
     row["train_run_s"] = time.perf_counter() - t
-    stats = torch.load(path, weights_only=True)["stats"]
-    row["train_step_s"] = stats["train_s"] / args.steps
+    with open(os.path.join(os.path.dirname(path), "timings.json")) as f:
+        row["train_step_s"] = json.load(f)["train_s"] / args.steps
     row["step_over_clip_forward"] = row["train_step_s"] / row["clip_forward_batch_s"]
     views = data.augment_views(data.load_images(data.sample_shots(data.load_split("synthetic", "", "train"), 1, 0),
                                                 S)[0], args.views, 0)

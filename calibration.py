@@ -1,14 +1,16 @@
 """
 Calibration of image scores into probabilities, and the decisions made with them.
 
-- Platt scaling (Platt 1999) on the logit of the score, with Platt's smoothed targets;
+- Platt scaling (Platt 1999) on the logit of the score, with Platt's smoothed targets, its slope held >= 0 so
+  that the probability never reverses the detector's ranking (an inverted calibration set is flagged);
 - expected calibration error (Guo et al. 2017, 15 equal-width bins) and the reliability diagram;
 - thresholds: the highest one that reaches a target sensitivity on the data it is set on; an operating point's
   sensitivity, specificity, confusion counts and per-class calls;
 - a stratified, seeded split of a labelled test set for fitting on a fraction and reporting on the rest.
 
     import calibration
-    ab = calibration.fit_platt(scores, labels)            # on the few-shot set, or a labelled fraction
+    ab = calibration.fit_platt(scores, labels)            # on the few-shot set, or a labelled fraction (a >= 0)
+    calibration.check_fit(scores, labels, ab)             # None, or "inverted ..." / "degenerate ..."
     p = calibration.apply_platt(test_scores, ab)
     calibration.ece(p, test_labels), calibration.operating_point(p, test_labels, classes, 0.5)
 """
@@ -16,6 +18,7 @@ import textwrap
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
 
 ECE_BINS = 15  # Guo et al. 2017
 
@@ -35,7 +38,24 @@ def fit_platt(scores, labels):
     x = np.r_[logit(scores), logit(scores)][:, None]
     y, w = np.r_[np.ones(len(labels)), np.zeros(len(labels))], np.r_[target, 1 - target]
     lr = LogisticRegression(C=np.inf, max_iter=1000).fit(x, y, sample_weight=w)
-    return float(lr.coef_[0, 0]), float(lr.intercept_[0])
+    a, b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+    if a < 0:  # the set ranks its anomalies below its normals: a >= 0 keeps P non-decreasing in the score, and the
+        a, b = 0.0, float(logit(target.mean()))  # constrained optimum is then a = 0, P = its smoothed prevalence
+    return a, b
+
+
+def check_fit(scores, labels, ab):
+    """None, or why a Platt fit must not be trusted: an inverted calibration set (its anomalies score below its
+    normals, so the slope is held at 0 rather than reversing the detector's ranking) or a degenerate one."""
+    if len(set(labels.tolist())) < 2:
+        return "degenerate calibration set: one class only"
+    auroc = float(roc_auc_score(labels, scores))
+    if auroc < 0.5:
+        return (f"inverted calibration set: its anomalies score below its normals (AUROC {auroc:.3f}); the "
+                f"probability is held at its prevalence (slope 0) instead of reversing the ranking")
+    if ab[0] == 0 or auroc == 0.5:
+        return f"degenerate calibration set: the score does not separate it (AUROC {auroc:.3f}); the probability is constant"
+    return None
 
 
 def apply_platt(scores, ab):

@@ -146,18 +146,27 @@ def _mvfa(base, split):
 
 
 def list_images(folder):
+    """Records of the image files under folder (recursive), and (path, reason) of every other file in it:
+    formats not read here are said, not dropped silently. Hidden files are passed over."""
     folder = os.fspath(folder)
-    recs = []
+    recs, other = [], []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
-        for fn in filenames:
-            if fn.lower().endswith(IMAGE_EXTS) and not fn.startswith("."):
-                path = os.path.join(dirpath, fn)
-                name = os.path.relpath(path, folder).replace(os.sep, "/")
-                recs.append(_record(name, -1, "unknown", path))
+        for fn in sorted(filenames):
+            path = os.path.join(dirpath, fn)
+            if fn.startswith("."):
+                continue
+            if not fn.lower().endswith(IMAGE_EXTS):
+                ext = os.path.splitext(fn)[1] or "(no extension)"
+                other.append((path, f"{path}: {ext} is not a format read here ({', '.join(IMAGE_EXTS)})"))
+                continue
+            name = os.path.relpath(path, folder).replace(os.sep, "/")
+            recs.append(_record(name, -1, "unknown", path))
     if not recs:
-        raise DataError(f"{folder}: no images here (missing or empty folder; looked for {', '.join(IMAGE_EXTS)})")
-    return sorted(recs, key=lambda r: r["name"])
+        found = f"; {len(other)} file(s) of other formats, e.g. {other[0][0]}" if other else ""
+        raise DataError(f"{folder}: no images here (missing or empty folder; looked for {', '.join(IMAGE_EXTS)})"
+                        f"{found}")
+    return sorted(recs, key=lambda r: r["name"]), other
 
 
 def sample_shots(records, k, seed):

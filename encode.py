@@ -344,7 +344,8 @@ def medvae_files(name):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Download every file the frozen encoders need into the caches "
-                                "(HF_HOME / HF_HUB_CACHE), so that later runs work with HF_HUB_OFFLINE=1.")
+                                "(HF_HOME / HF_HUB_CACHE), so that later runs work with HF_HUB_OFFLINE=1.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--prefetch", action="store_true", required=True, help="download and print path and sha256")
     p.add_argument("--clip", default="ViT-L-14", help="open_clip model name, as train.py --clip")
     p.add_argument("--pretrained", default="openai", help="open_clip pretrained tag, as train.py --pretrained")

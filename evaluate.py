@@ -43,14 +43,16 @@ import encode
 import mediclip
 import metrics
 from weights import sha256
-from train import FORMAT_VERSION, bf16_autocast, code_version, pick_device, resolve_layers
+from train import FORMAT_VERSION, bf16_autocast, check_writable, code_version, pick_device, resolve_layers, \
+    write_json
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, unsafe, of another format or for another model."""
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a one-shot MediCLIP checkpoint (or CLIP zero-shot).")
+    p = argparse.ArgumentParser(description="Evaluate a one-shot MediCLIP checkpoint (or CLIP zero-shot).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     p.add_argument("--data", default=None, help="dataset to test on (default: the checkpoint's own)")
     p.add_argument("--data-root", default=None, help="folder that holds the datasets (default: the checkpoint's)")
@@ -141,7 +143,8 @@ def describe_checkpoints(ckpts, paths):
     cfg = ckpts[0]["config"] if ckpts else {}
     return dict(checkpoints=[os.path.abspath(p) for p in paths], checkpoint_sha256=[sha256(p) for p in paths],
                 shots=cfg.get("shots", 0), seeds=[c["seed"] for c in ckpts], shot_files=[c["shots"] for c in ckpts],
-                train_data=cfg.get("data"), synth=cfg.get("synth"), steps=cfg.get("steps"))
+                train_data=cfg.get("data"), synth=cfg.get("synth"), steps=cfg.get("steps"),
+                eta_warmup=cfg.get("eta_warmup"), detector_steps=[c["stats"].get("detector_steps") for c in ckpts])
 
 
 def load_detector(clip, layers, ckpt, path):
@@ -215,7 +218,8 @@ def calibrate(member_scores, labels, fit, ckpts, paths, args):
         ab = calibration.fit_platt(s[fit], labels[fit])
         info = dict(method="platt", fitted_on=f"labelled test fraction {args.calib_split} (seed {args.seed}), "
                     f"left out of every reported number", n_normal=int((labels[fit] == 0).sum()),
-                    n_anomalous=int(labels[fit].sum()), params=[ab])
+                    n_anomalous=int(labels[fit].sum()), params=[ab],
+                    warning=calibration.check_fit(s[fit], labels[fit], ab))
         return calibration.apply_platt(s, ab), calibration.apply_platt(s[fit], ab), labels[fit], info
     sets = [calibration_set(c, args.topk, p) for c, p in zip(ckpts, paths)]
     if not sets or any(x is None for x in sets):
@@ -230,7 +234,9 @@ def calibrate(member_scores, labels, fit, ckpts, paths, args):
     info = dict(method="platt", fitted_on=f"few-shot ({whose} calibration set: the views of the {cfg['shots']} "
                 f"shot(s) and synthetic '{cfg['synth']}' anomalies from {cfg['data']}, see train.py); no test label "
                 f"was used",
-                n_normal=int((fit_labels == 0).sum()), n_anomalous=int(fit_labels.sum()), params=params)
+                n_normal=int((fit_labels == 0).sum()), n_anomalous=int(fit_labels.sum()), params=params,
+                warning="; ".join(sorted({w for (s, y), ab in zip(sets, params)
+                                          if (w := calibration.check_fit(s, y, ab))})) or None)
     return probs, fit_probs, fit_labels, info
 
 
@@ -243,11 +249,18 @@ def colourise(a):
 
 
 def write_overlay(path, image, amap, mask):
-    """image | anomaly map (min-max over the image) | mask, side by side."""
+    """image | anomaly map (min-max over the image) | mask, side by side; mask None: a grey panel saying so."""
+    from PIL import ImageDraw
     img = (image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
     a = (amap - amap.min()) / max(float(amap.max() - amap.min()), 1e-8)
     heat = (0.5 * img + 0.5 * colourise(a)).astype(np.uint8)
-    m = np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=-1)
+    if mask is None:  # not "ground truth: nothing", which an all-black panel would say
+        panel = Image.new("RGB", img.shape[1::-1], (96, 96, 96))
+        ImageDraw.Draw(panel).text((img.shape[1] // 2, img.shape[0] // 2), "no mask", fill=(255, 255, 255),
+                                   anchor="mm")
+        m = np.asarray(panel)
+    else:
+        m = np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=-1)
     Image.fromarray(np.concatenate([img, heat, m], axis=1)).save(path)
 
 
@@ -270,17 +283,11 @@ def write_scores(path, records, member_scores, probs, thresholds, fit):
                        + ([f"{x:.6f}" for x in s] if M > 1 else []) + ([int(fit[i])] if fit.any() else []))
 
 
-def write_json(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------- main
 def print_summary(m):
     ci = lambda d: f" [{d['auroc_ci95'][0]:.3f}, {d['auroc_ci95'][1]:.3f}]" if "auroc_ci95" in d else ""
-    lines = [f"image AUROC {m['image']['auroc']:.4f}{ci(m['image'])}  AP {m['image']['ap']:.4f}"]
+    lines = [f"WARNING: {w}" for w in m.get("warnings", [])]
+    lines.append(f"image AUROC {m['image']['auroc']:.4f}{ci(m['image'])}  AP {m['image']['ap']:.4f}")
     if m["pixel"]:
         lines.append(f"pixel AUROC {m['pixel']['auroc']:.4f}{ci(m['pixel'])}  AUPRO {m['pixel']['aupro']:.4f}")
     for key, s in (m.get("seeds") or {}).items():
@@ -294,25 +301,74 @@ def print_summary(m):
     print("\n".join(lines))
 
 
+def own_images(folder):
+    """The images under `folder` that can be read, and every file left out with its one-line reason. An own
+    folder is scored as far as it can be; a labelled split instead fails on its first bad file."""
+    records, skipped = data.list_images(folder)                       # skipped: files of formats not read here
+    readable = []
+    for r in records:
+        try:
+            data.read_image(r)
+            readable.append(r)
+        except data.DataError as e:
+            skipped.append((r["path"], str(e)))
+    for _, why in skipped:
+        print(f"skipped {why}")
+    if not readable:
+        raise data.DataError(f"{folder}: none of its {len(records)} image file(s) could be read"
+                             + (f" ({len(skipped)} skipped, reasons above)" if skipped else ""))
+    return readable, skipped
+
+
 def main(args):
     if not args.zero_shot and not args.ckpt:
         raise CheckpointError("give --ckpt FILE, or --zero-shot")
     if not 0 <= args.calib_split < 1 or (args.calib_split and args.images):
         raise ValueError("--calib-split takes a fraction in [0, 1) of a labelled test set (not --images)")
+    for flag, least in (("batch_size", 1), ("overlays", 0), ("bootstrap", 0), ("topk", 0)):
+        if getattr(args, flag) < least:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
+    paths = [] if args.zero_shot else args.ckpt
+    out = args.out or (os.path.dirname(os.path.abspath(paths[0])) if paths else "results")
+    check_writable(out, "--out")                       # before the compute, not after it
+    skipped = []
+    if args.images:                                    # listed and read before the model loads: fails in a second
+        records, skipped = own_images(args.images)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    paths = [] if args.zero_shot else args.ckpt
     ckpts, clip, layers, backbone, dets = load_models(paths, args, device)
     cfg = ckpts[0]["config"] if ckpts else {}
     if args.images:
-        records, name = data.list_images(args.images), os.path.abspath(args.images)
+        name = os.path.abspath(args.images)
     else:
         name = args.data or cfg.get("data") or "brainmri"
         records = data.load_split(name, args.data_root or cfg.get("data_root") or "data", "test")
-    out = args.out or (os.path.dirname(os.path.abspath(paths[0])) if paths else "results")
     maps, member_scores, masks = predict(records, clip, dets, layers, args, device)   # (M, N, S, S), (M, N)
+    if skipped:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "skipped.csv"), "w", newline="") as f:
+            csv.writer(f).writerows([("path", "reason")] + skipped)
+        print(f"scored {len(records)} image(s); skipped {len(skipped)}, listed in {os.path.join(out, 'skipped.csv')}")
     return write_report(out, name, records, maps, member_scores, masks, ckpts, paths, backbone, args)
+
+
+def report_warnings(report, ckpts, name):
+    """What a reader of these numbers must know first: random weights, an untrained detector, a calibration that
+    is inverted or degenerate, or fitted on another dataset than the one tested."""
+    c, cal, out = report["conditions"], report["calibration"], []
+    if c["random_init"]:
+        out.append("random backbone weights: these numbers say nothing about the method")
+    if ckpts and 0 in c["detector_steps"]:
+        out.append("a checkpoint's detector never trained (0 detection steps: --steps within --eta-warmup); its "
+                   "numbers are CLIP's untouched zero-shot head")
+    if cal.get("warning"):
+        out.append(f"calibration: {cal['warning']}")
+    if ckpts and cal.get("method") and cal["fitted_on"].startswith("few-shot") and c["train_data"] != name:
+        cal["cross_dataset"] = (f"fitted on {c['train_data']} (the checkpoint's few-shot set), tested on {name}: "
+                                f"probabilities and thresholds may not transfer (--calib-split fits on {name})")
+        out.append(f"calibration and thresholds {cal['cross_dataset']}")
+    return out
 
 
 def write_report(out, name, records, maps, member_scores, masks, ckpts, paths, backbone, args):
@@ -332,13 +388,18 @@ def write_report(out, name, records, maps, member_scores, masks, ckpts, paths, b
     mean_map = maps[0] if len(maps) == 1 else maps.mean(0, dtype=np.float32).astype(np.float16)   # (N, S, S)
     order = np.argsort(-score, kind="stable")
     picks = order[np.linspace(0, len(order) - 1, min(args.overlays, len(order))).round().astype(int)]
+    has_masks = any(r.get("mask_path") or r.get("mask") is not None for r in records)
     for rank, i in enumerate(picks):
         image, _ = data.load_images([records[i]], mean_map.shape[-1])
-        safe = records[i]["name"].replace("/", "_").replace("\\", "_")
+        safe = os.path.splitext(records[i]["name"])[0].replace("/", "_").replace("\\", "_")
+        known = records[i].get("mask_path") or records[i].get("mask") is not None or \
+            (has_masks and records[i]["label"] == 0)    # a normal image of a dataset with masks: truly empty
         write_overlay(os.path.join(out, f"overlay_{rank:02d}_{safe}.png"), image[0], mean_map[i].astype(np.float32),
-                      masks[i])
+                      masks[i] if known else None)
     print(f"wrote {out}/scores.csv and {len(picks)} overlays")
     if args.images:
+        if backbone["random_init"]:
+            print("WARNING: random backbone weights: these scores say nothing about the method")
         return None
 
     # every number below is on the reported images: the test set less any --calib-split fit images
@@ -374,6 +435,7 @@ def write_report(out, name, records, maps, member_scores, masks, ckpts, paths, b
     metrics.plot_roc(os.path.join(out, "roc.png"), score[keep], y, cls, report, report["operating_points"])
     report["conditions"] = dict(describe_checkpoints(ckpts, paths), **backbone, test_data=name,
                                  image_score="max" if args.topk <= 0 else f"top{args.topk}", code_version=code_version())
+    report["warnings"] = report_warnings(report, ckpts, name)
     if backbone["random_init"]:
         report["warning"] = "random backbone weights: these numbers say nothing about the method"
     write_json(report, os.path.join(out, "metrics.json"))

@@ -28,6 +28,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -47,7 +48,8 @@ CAL_TOP = 256  # anomaly-map values kept per calibration image: any image score 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train MediCLIP on learned latent anomalies (one-shot).")
+    p = argparse.ArgumentParser(description="Train MediCLIP on learned latent anomalies (one-shot).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     p.add_argument("--data", default="brainmri", help="dataset name: brainmri, busi, chexpert, synthetic, or "
                    "any folder under --data-root in the MediCLIP or MVFA layout")
@@ -96,6 +98,32 @@ def parse_args(argv=None):
                    "on CPU too (default: fp32, but bf16 for the frozen forwards on CUDA); ~1.4-1.9x faster steps "
                    "on a CPU with avx512_bf16")
     return p.parse_args(argv)
+
+
+def check_args(args):
+    """Refuse up front, in one line, what would fail or mislead only after minutes of encoding."""
+    for flag in ("steps", "views", "batch_size", "bank"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.synth in ("deviation", "mix") and args.steps <= args.eta_warmup:
+        # eta_theta synthesises only after its warm-up: before it there is no anomaly, so no detection loss
+        raise ValueError(f"--steps {args.steps} <= --eta-warmup {args.eta_warmup}: with --synth {args.synth} the "
+                         f"detector would never train (anomalies exist only after eta_theta's warm-up); pass more "
+                         f"--steps or a smaller --eta-warmup (e.g. --eta-warmup {args.steps // 5})")
+    check_writable(args.out or "runs", "--out")
+
+
+def check_writable(path, flag):
+    """The folder `path` can be made and written: the nearest existing ancestor is a folder that takes a file."""
+    up = os.path.abspath(path)
+    while not os.path.exists(up):
+        up = os.path.dirname(up)
+    if not os.path.isdir(up):
+        raise ValueError(f"{flag} {path}: {up} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=up).close()
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write in {up} ({e.strerror or type(e).__name__})") from None
 
 
 def pick_device(name):
@@ -198,7 +226,8 @@ def code_version():
 
 
 def save_checkpoint(ckpt, path):
-    """torch.save to a temporary file, then rename: a run killed while saving never leaves a corrupt file."""
+    """torch.save to a temporary file, then rename: a run killed while saving never leaves a corrupt file.
+    (torch names the archive inside after the final file's name, not the temporary one: same inputs, same bytes.)"""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         torch.save(ckpt, tmp)
@@ -206,6 +235,14 @@ def save_checkpoint(ckpt, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json(obj, path):
+    """json.dump to a temporary file, then rename (as save_checkpoint)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 def check_finite(step, terms):
@@ -217,6 +254,7 @@ def check_finite(step, terms):
 
 def main(args):
     t0 = time.time()
+    check_args(args)
     # ---- device
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -228,6 +266,7 @@ def main(args):
     out = args.out or os.path.join("runs", f"{os.path.basename(args.data.rstrip('/'))}-k{args.shots}-s{args.seed}")
 
     # ---- data: k normal shots, V augmented views each (the test split is never read)
+    args.data_root = os.path.abspath(args.data_root)  # stored in the checkpoint: evaluate.py may run elsewhere
     pool = data.load_split(args.data, args.data_root, "train", seed=args.seed)
     shots = data.sample_shots(pool, args.shots, args.seed)
 
@@ -289,76 +328,80 @@ def main(args):
                            lr=args.lr, betas=(0.5, 0.999))
     abar = deviation.cosine_abar().to(device)
     os.makedirs(out, exist_ok=True)  # only now: bad input above leaves nothing behind
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
+    write_json(config, os.path.join(out, "config.json"))
 
     # ---- loop
     log = open(os.path.join(out, "log.csv"), "w", newline="")
     writer = first = None
     B, S = args.batch_size, image_size
     zero = torch.zeros((), device=device)
-    for step in (bar := tqdm(range(1, args.steps + 1), desc="train", dynamic_ncols=True)):
-        with step_autocast():
-            idx = train_idx[torch.randint(len(train_idx), (B,), generator=gen)]
-            z0, tok, fg_b = z_n[idx], [t[idx] for t in real], fg[idx]
-            h, w = z0.shape[-2:]
-            warm = uses_eta and step <= args.eta_warmup
-            anomalies, labels, normals = [], [], [tok]   # token lists (one tensor per layer) and their masks
-            loss_deco = loss_align = cos = zero
+    det_steps, step = 0, 0  # steps in which the detection loss was computed (after eta_theta's warm-up)
+    try:
+        for step in (bar := tqdm(range(1, args.steps + 1), desc="train", dynamic_ncols=True)):
+            with step_autocast():
+                idx = train_idx[torch.randint(len(train_idx), (B,), generator=gen)]
+                z0, tok, fg_b = z_n[idx], [t[idx] for t in real], fg[idx]
+                h, w = z0.shape[-2:]
+                warm = uses_eta and step <= args.eta_warmup
+                anomalies, labels, normals = [], [], [tok]   # token lists (one tensor per layer) and their masks
+                loss_deco = loss_align = cos = zero
 
-            if uses_eta:  # 1. DeCo-Diff masked forward process: eta_theta learns to predict the deviation
-                m, s = deviation.sample_patch_mask(B, h, w, gen, device)
-                t = torch.randint(deviation.T, (B,), generator=gen).to(device)
-                x_t, eta_target = deviation.masked_forward(z0, m, t, deviation.sample_noise(z0, s, gen), abar)
-                loss_deco = F.mse_loss(eta(x_t, t).float(), eta_target)
+                if uses_eta:  # 1. DeCo-Diff masked forward process: eta_theta learns to predict the deviation
+                    m, s = deviation.sample_patch_mask(B, h, w, gen, device)
+                    t = torch.randint(deviation.T, (B,), generator=gen).to(device)
+                    x_t, eta_target = deviation.masked_forward(z0, m, t, deviation.sample_noise(z0, s, gen), abar)
+                    loss_deco = F.mse_loss(eta(x_t, t).float(), eta_target)
 
-            if uses_latent:  # 2. synthesis: z_anom = z_n + C (1 - m_s) eta_pred (or n), label = 1 - m_s
-                z_anom, m_s = synthesise_latent(z0, fg_b, eta if uses_eta else None, abar, args, gen,
-                                                args.det_trains_eta)
+                if uses_latent:  # 2. synthesis: z_anom = z_n + C (1 - m_s) eta_pred (or n), label = 1 - m_s
+                    z_anom, m_s = synthesise_latent(z0, fg_b, eta if uses_eta else None, abar, args, gen,
+                                                    args.det_trains_eta)
 
-                # 3. project into CLIP token space; keep P aligned with the real tokens of the same views
-                projected = proj(torch.cat([z_anom, z0]))                         # list of (2B, D, H, W)
-                loss_align, cos = project.alignment_loss([p[B:] for p in projected], tok)
-                normals.append([p[B:] for p in projected])
-                if not warm:  # eta_theta's output is used only after its warm-up
-                    anomalies.append([p[:B] for p in projected])
-                    labels.append(F.interpolate(1 - m_s, size=(S, S), mode="nearest"))   # (B, 1, S, S)
+                    # 3. project into CLIP token space; keep P aligned with the real tokens of the same views
+                    projected = proj(torch.cat([z_anom, z0]))                         # list of (2B, D, H, W)
+                    loss_align, cos = project.alignment_loss([p[B:] for p in projected], tok)
+                    normals.append([p[B:] for p in projected])
+                    if not warm:  # eta_theta's output is used only after its warm-up
+                        anomalies.append([p[:B] for p in projected])
+                        labels.append(F.interpolate(1 - m_s, size=(S, S), mode="nearest"))   # (B, 1, S, S)
 
-            if uses_bank:  # pixel-space anomalies, encoded by the frozen CLIP once before the loop
-                j = torch.randint(len(bank_masks), (B,), generator=gen)
-                anomalies.append([b[j] for b in bank])
-                labels.append(bank_masks[j])
+                if uses_bank:  # pixel-space anomalies, encoded by the frozen CLIP once before the loop
+                    j = torch.randint(len(bank_masks), (B,), generator=gen)
+                    anomalies.append([b[j] for b in bank])
+                    labels.append(bank_masks[j])
 
-            # 4. detect: synthetic anomalies, then normals (projected and real CLIP tokens) with all-zero masks
-            loss_focal = loss_dice = zero
-            if anomalies:
-                parts = anomalies + normals
-                tokens = [torch.cat([p[i] for p in parts]) for i in range(len(layers))]  # each (nB, D, H, W)
-                masks = torch.cat(labels + [torch.zeros(B * len(normals), 1, S, S, device=device)])
-                maps = det(tokens, det.text_features(text_tower), S)             # (nB, 2, S, S)
-                loss_focal, loss_dice = mediclip.focal_loss(maps, masks), mediclip.dice_loss(maps, masks)
+                # 4. detect: synthetic anomalies, then normals (projected and real CLIP tokens) with all-zero masks
+                loss_focal = loss_dice = zero
+                if anomalies:
+                    parts = anomalies + normals
+                    tokens = [torch.cat([p[i] for p in parts]) for i in range(len(layers))]  # each (nB, D, H, W)
+                    masks = torch.cat(labels + [torch.zeros(B * len(normals), 1, S, S, device=device)])
+                    maps = det(tokens, det.text_features(text_tower), S)             # (nB, 2, S, S)
+                    loss_focal, loss_dice = mediclip.focal_loss(maps, masks), mediclip.dice_loss(maps, masks)
+                    det_steps += 1
 
-            loss = args.w1 * (loss_focal + loss_dice) + args.w2 * loss_deco + args.w3 * loss_align
-        terms = dict(focal=loss_focal.item(), dice=loss_dice.item(), deco=loss_deco.item(), align=loss_align.item(),
-                     total=loss.item())
-        check_finite(step, terms)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+                loss = args.w1 * (loss_focal + loss_dice) + args.w2 * loss_deco + args.w3 * loss_align
+            terms = dict(focal=loss_focal.item(), dice=loss_dice.item(), deco=loss_deco.item(), align=loss_align.item(),
+                         total=loss.item())
+            check_finite(step, terms)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
-        if step % args.log_every == 0 or step in (1, args.steps):
-            with torch.no_grad():
-                held_cos = project.alignment_loss(proj(z_n[held_idx]), [r[held_idx] for r in real])[1].item() \
-                    if len(held_idx) and uses_latent else float("nan")
-            row = dict(step=step, **terms, align_cos=float(cos), held_align_cos=held_cos, warmup=int(warm))
-            if writer is None:
-                writer = csv.DictWriter(log, fieldnames=list(row))
-                writer.writeheader()
-            writer.writerow(row)
-            log.flush()
-            bar.set_postfix(det=f"{terms['focal'] + terms['dice']:.3f}", deco=f"{terms['deco']:.3f}",
-                            cos=f"{held_cos:.3f}")
-            first = first or row
+            if step % args.log_every == 0 or step in (1, args.steps):
+                with torch.no_grad():
+                    held_cos = project.alignment_loss(proj(z_n[held_idx]), [r[held_idx] for r in real])[1].item() \
+                        if len(held_idx) and uses_latent else float("nan")
+                row = dict(step=step, **terms, align_cos=float(cos), held_align_cos=held_cos, warmup=int(warm))
+                if writer is None:
+                    writer = csv.DictWriter(log, fieldnames=list(row))
+                    writer.writeheader()
+                writer.writerow(row)
+                log.flush()
+                bar.set_postfix(det=f"{terms['focal'] + terms['dice']:.3f}", deco=f"{terms['deco']:.3f}",
+                                cos=f"{held_cos:.3f}")
+                first = first or row
+    except KeyboardInterrupt:  # one line, not a traceback: the run folder keeps config.json and log.csv
+        raise KeyboardInterrupt(f"interrupted at step {step} of {args.steps}; no checkpoint was saved") from None
     log.close()
     train_s = time.time() - t0 - encode_s
 
@@ -387,10 +430,12 @@ def main(args):
         "latent_mean": z_mean.cpu().tolist(), "latent_std": z_std.cpu().tolist(),
         "state_dicts": {"eta": eta.state_dict(), "projection": proj.state_dict(), "mediclip": det.state_dict()},
         "calibration": calibration,
-        "stats": {"first": first, "last": row, "encode_s": encode_s, "train_s": train_s, "calib_s": calib_s,
-                  "encodings_cached": bool(cached)},
+        "stats": {"first": first, "last": row, "detector_steps": det_steps},
         "code_version": code_version(),
     }
+    # the checkpoint's bytes depend on its inputs only; how long it took goes beside it
+    write_json(dict(encode_s=encode_s, train_s=train_s, calib_s=calib_s, encodings_cached=bool(cached),
+                    wall_s=time.time() - t0), os.path.join(out, "timings.json"))
     path = os.path.join(out, "run.pt")
     save_checkpoint(ckpt, path)
     print(f"first log row: {first}\nlast log row:  {row}")
@@ -403,3 +448,6 @@ if __name__ == "__main__":
         main(parse_args())
     except (data.DataError, encode.WeightsUnavailable, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:
+        print(f"\n{e or 'interrupted; no checkpoint was saved'}", file=sys.stderr)
+        sys.exit(130)

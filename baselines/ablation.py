@@ -29,7 +29,8 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description="Run the ablation table: datasets x shots x seeds x synthesis modes.")
+    p = argparse.ArgumentParser(description="Run the ablation table: datasets x shots x seeds x synthesis modes.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     p.add_argument("--datasets", nargs="+", default=["brainmri", "busi"], help="datasets to train on")
     p.add_argument("--data-root", default="data", help="folder that holds the datasets")

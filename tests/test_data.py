@@ -131,8 +131,9 @@ def test_list_images(tmp_path):
     for p in ["a.PNG", "sub/b.jpg", "sub/deeper/c.tiff", "sub/d.Jpeg"]:
         save(tmp_path / "f" / p, rgb(32, 32))
     (tmp_path / "f" / "notes.txt").write_text("x")
-    recs = data.list_images(str(tmp_path / "f"))
+    recs, other = data.list_images(str(tmp_path / "f"))
     assert [r["name"] for r in recs] == ["a.PNG", "sub/b.jpg", "sub/d.Jpeg", "sub/deeper/c.tiff"]
+    assert len(other) == 1 and ".txt is not a format read here" in other[0][1]     # said, not dropped silently
     assert all(r["label"] == -1 and r["cls"] == "unknown" for r in recs)
     (tmp_path / "e").mkdir()
     with pytest.raises(DataError, match="no images"):

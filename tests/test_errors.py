@@ -1,5 +1,8 @@
 """Bad input fails with one clear line; nothing touches the network with local or random weights."""
+import csv
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -7,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import data
 import evaluate
 import mediclip
 import train
@@ -22,6 +26,12 @@ def run_cli(*argv):
     (["train.py", "--data", "brainmri", "--data-root", "/nonexistent/root"], "/nonexistent/root"),
     (["train.py", "--data", "synthetic", "--shots", "0", "--random-init"], "shots"),
     (["evaluate.py", "--ckpt", "/nonexistent/run.pt"], "/nonexistent/run.pt"),
+    (["train.py", "--data", "synthetic", "--random-init", "--steps", "0"], "--steps must be >= 1"),
+    (["train.py", "--data", "synthetic", "--random-init", "--steps", "20"], "--steps 20 <= --eta-warmup 50"),
+    (["train.py", "--data", "synthetic", "--random-init", "--out", "/proc/run"], "--out /proc/run: cannot write"),
+    (["train.py", "--data", "synthetic", "--random-init", "--clip", "RN50"], "unsupported CLIP model 'RN50'"),
+    (["evaluate.py", "--zero-shot", "--random-init", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["evaluate.py", "--zero-shot", "--random-init", "--out", "README.md/x"], "README.md is a file, not a folder"),
 ])
 def test_cli_errors_are_one_line_without_traceback(argv, needle):
     r = run_cli(*argv)
@@ -54,3 +64,87 @@ def test_evaluate_refuses_another_activation(tmp_path, tiny_clip):
     torch.save(tiny_clip.state_dict(), tmp_path / "plain.bin")
     with pytest.raises(evaluate.CheckpointError, match="with quickgelu, but the weights given here build it with gelu"):
         evaluate.main(evaluate.parse_args(["--ckpt", path, "--clip-weights", str(tmp_path / "plain.bin")]))
+
+
+def test_ctrl_c_says_the_step_in_one_line(tmp_path):
+    import signal
+    import time
+    argv = ["train.py"] + TINY[:-6] + ["--steps", "100000", "--eta-warmup", "0", "--log-every", "1", "--out",
+                                       str(tmp_path)]
+    script = (f"import runpy, sys; sys.path.insert(0, 'tests'); import conftest; conftest.register_tiny_clip("
+              f"{str(tmp_path)!r}); sys.argv = {argv!r}; runpy.run_path('train.py', run_name='__main__')")
+    p = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    log, t = tmp_path / "log.csv", time.time()
+    while p.poll() is None and not (log.exists() and len(log.read_text().splitlines()) > 2) and time.time() - t < 120:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130 and "Traceback" not in err
+    assert re.search(r"interrupted at step \d+ of 100000; no checkpoint was saved", err.strip().splitlines()[-1])
+    assert not (tmp_path / "run.pt").exists()
+
+
+def test_own_images_score_what_can_be_read_and_list_the_rest(tmp_path, capsys):
+    from PIL import Image
+    import numpy as np
+    d = tmp_path / "scans"
+    d.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 40), 60 * i, np.uint8)).save(d / f"ok{i}.png")
+    Image.new("L", (1, 1)).save(d / "tiny.png")
+    (d / "text.png").write_text("not an image")
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "study.dcm").write_bytes(b"DICM")
+    evaluate.main(evaluate.parse_args(["--zero-shot", "--random-init", "--clip", TINY_CLIP, "--images", str(d),
+                                       "--out", str(tmp_path / "out")]))
+    rows = open(tmp_path / "out" / "scores.csv").read().splitlines()
+    assert len(rows) == 1 + 3
+    skipped = open(tmp_path / "out" / "skipped.csv").read()
+    for name in ("tiny.png", "text.png", "empty.jpg", "study.dcm"):
+        assert name in skipped
+    out = capsys.readouterr().out
+    assert "skipped 4, listed in" in out and "WARNING: random backbone weights" in out
+    overlays = sorted(f for f in os.listdir(tmp_path / "out") if f.startswith("overlay_"))
+    assert overlays and not any(f.endswith(".png.png") for f in overlays)       # overlay_00_ok2.png
+    panel = np.asarray(Image.open(tmp_path / "out" / overlays[0]))[:, -5:]      # no mask: said, not drawn black
+    assert (panel == 96).mean() > 0.9
+    for f in ("ok0.png", "ok1.png", "ok2.png"):
+        (d / f).unlink()
+    with pytest.raises(data.DataError, match="none of its 3 image file"):
+        evaluate.main(evaluate.parse_args(["--zero-shot", "--random-init", "--clip", TINY_CLIP, "--images", str(d)]))
+
+
+def test_checkpoint_bytes_depend_on_the_inputs_only(tmp_path):
+    """The same command twice: the same sha256 (timings go to timings.json); the data root is stored absolute."""
+    a = train.main(train.parse_args(TINY + ["--out", str(tmp_path)]))
+    h = evaluate.sha256(a)
+    assert train.main(train.parse_args(TINY + ["--out", str(tmp_path)])) == a and evaluate.sha256(a) == h
+    assert os.path.isabs(torch.load(a, weights_only=True)["config"]["data_root"])
+    assert "train_s" in json.load(open(tmp_path / "timings.json"))
+
+
+def test_reports_say_what_a_reader_must_know_first(tmp_path, capsys):
+    """An untrained detector (0 detection steps), an inverted calibration set, a cross-dataset test: in
+    metrics.json and on the console, with the probability still non-decreasing in the score."""
+    path = train.main(train.parse_args(TINY + ["--out", str(tmp_path)]))
+    ckpt = torch.load(path, weights_only=True)
+    cal = ckpt["calibration"]
+    cal["normal"], cal["anomalous"] = cal["anomalous"] + 0.5, cal["normal"] - 0.5   # anomalies below normals
+    ckpt["stats"]["detector_steps"] = 0
+    torch.save(ckpt, tmp_path / "bad.pt")
+    m = evaluate.main(evaluate.parse_args(["--ckpt", str(tmp_path / "bad.pt"), "--overlays", "0", "--bootstrap", "0",
+                                           "--out", str(tmp_path / "e")]))
+    text = " | ".join(m["warnings"])
+    assert "never trained" in text and "inverted calibration set" in text and "random backbone" in text
+    assert m["conditions"]["detector_steps"] == [0] and m["conditions"]["eta_warmup"] == 4
+    out = capsys.readouterr().out
+    assert "WARNING: a checkpoint's detector never trained" in out and "WARNING: calibration: inverted" in out
+    rows = list(csv.DictReader(open(tmp_path / "e" / "scores.csv")))
+    rows.sort(key=lambda r: float(r["score"]))
+    assert all(float(a["probability"]) <= float(b["probability"]) for a, b in zip(rows, rows[1:]))
+    # the few-shot calibration of a synthetic checkpoint, tested on busi-like data: said
+    m = evaluate.main(evaluate.parse_args(["--ckpt", path, "--data", "synthetic", "--overlays", "0", "--bootstrap",
+                                           "0", "--out", str(tmp_path / "x")]))
+    assert not any("calibration and thresholds fitted on" in w for w in m["warnings"])
+    m["conditions"]["train_data"] = "busi"
+    assert any("fitted on busi" in w for w in evaluate.report_warnings(m, [ckpt], "synthetic"))

@@ -162,3 +162,17 @@ def test_conditions_name_a_weights_file_by_its_checksum(tiny_clip, tmp_path):
 def test_calib_split_too_small_to_fit_is_refused(two_seeds, tmp_path):
     with pytest.raises(ValueError, match="leaves no normal or no anomalous"):
         evaluate.main(evaluate.parse_args(["--ckpt", two_seeds[0], "--calib-split", "0.01", "--out", str(tmp_path)]))
+
+
+def test_an_inverted_calibration_set_never_reverses_the_ranking():
+    """A set whose anomalies score below its normals: the slope is held at 0 (P constant, so non-decreasing in
+    the score), and it is flagged; a good set is not."""
+    s = np.array([0.8, 0.85, 0.9, 0.95, 0.1, 0.15, 0.2, 0.25])
+    y = np.array([0.0, 0, 0, 0, 1, 1, 1, 1])
+    a, b = calibration.fit_platt(s, y)
+    assert a == 0 and np.allclose(calibration.apply_platt(s, (a, b)), 0.5)
+    assert "inverted" in calibration.check_fit(s, y, (a, b))
+    ab = calibration.fit_platt(s, 1 - y)
+    assert ab[0] > 0 and calibration.check_fit(s, 1 - y, ab) is None
+    p = calibration.apply_platt(np.linspace(0.01, 0.99, 50), ab)
+    assert np.all(np.diff(p) >= 0)
