@@ -30,7 +30,7 @@ import encode
 import evaluate
 import mediclip
 import train
-from baselines import pixel_tasks
+import pixel_tasks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -18,6 +18,8 @@ and the control without a network: z_n + C * (1 - m) * n.
     import deviation
     eta = deviation.build_unet("small", channels=1)
     x_t, target = deviation.masked_forward(z, m, t, n)
+    draws = deviation.sample_synthesis(z, deviation.foreground(views, z.shape[-2:]), C_range=(1, 3))
+    z_anom, eta_pred = deviation.synthesise_latent(z, draws, eta)      # eta=None: the latent-noise control
 """
 import math
 
@@ -102,6 +104,38 @@ def synthesise(z_n, m, C, eta_pred=None, n=None):
     inside = (1 - m).expand_as(d)
     rms = ((d * inside) ** 2).sum(dim=(1, 2, 3)) / inside.sum(dim=(1, 2, 3)).clamp_min(1)
     return z_n + C.view(-1, 1, 1, 1) * inside * d / rms.sqrt().clamp_min(1e-6).view(-1, 1, 1, 1)
+
+
+def foreground(views, hw, frac=0.1):
+    """Where the anatomy is, on the latent grid: pixels brighter than frac of the image's max. (N, 1, h, w) bool."""
+    g = F.adaptive_avg_pool2d(views.mean(1, keepdim=True), hw)     # (N, 1, h, w)
+    return g > frac * g.flatten(1).amax(1).view(-1, 1, 1, 1)
+
+
+def sample_synthesis(z_n, fg, C_range, mask="blobs", gen=None):
+    """The random draws of one synthesis of a batch z_n (B, c, h, w): the anomaly's mask m (1 = clean; smooth
+    blobs inside the foreground fg, or DeCo-Diff patches), its size C ~ U(C_range), the noise n and the step t
+    of the masked forward. The learned anomaly and its control share them."""
+    B, (h, w), device = len(z_n), z_n.shape[-2:], z_n.device
+    C = (C_range[0] + (C_range[1] - C_range[0]) * torch.rand(B, generator=gen)).to(device)
+    m = sample_blob_mask(fg, gen) if mask == "blobs" else sample_patch_mask(B, h, w, gen, device)[0]
+    n = torch.randn(z_n.shape, generator=gen).to(device)
+    t = torch.randint(T, (B,), generator=gen).to(device)
+    return dict(m=m, C=C, n=n, t=t)
+
+
+def synthesise_latent(z_n, draws, eta=None, abar=None, grad=False):
+    """z_anom = z_n + C (1 - m) eta_pred, eta_pred = eta_theta(x_t, t) one step from a masked forward of z_n whose
+    mask is the anomaly's (the method); with eta None, z_n + C (1 - m) n (the latent-noise control). Returns
+    z_anom and eta_pred (None for the control). grad=False: the detector's loss cannot reach eta_theta, since a
+    generator trained against the detector learns the anomalies easiest to detect, not plausible ones."""
+    m, C, n, t = draws["m"], draws["C"], draws["n"], draws["t"]
+    if eta is None:
+        return synthesise(z_n, m, C, n=n), None
+    x_t, _ = masked_forward(z_n, m, t, n, abar)
+    with torch.enable_grad() if grad else torch.no_grad():
+        eta_pred = eta(x_t, t)
+    return synthesise(z_n, m, C, eta_pred=eta_pred), eta_pred
 
 
 # -----------------------------------------------------------------------------

@@ -320,22 +320,143 @@ def medvae_normalise(x, in_channels):
     return x.mean(dim=1, keepdim=True) if in_channels == 1 else x
 
 
+# -----------------------------------------------------------------------------
+# TAEF2: a real (tiny, not medical) autoencoder that runs offline here, so the synthesis can be looked at
+
+TAEF2_FILES = {  # madebyollin/taesd (MIT) publishes it in its GitHub repository, not on the HF hub: pinned here
+    "taef2_encoder.pth": "10a4e1021e89d7551eaf161352da8dbd0b1aa83872ae28b150c1df1ce2f147b6",
+    "taef2_decoder.pth": "0a44a31e1ae59eb9dbf9359d24942fd3ef5928162c1800d97a28c61d51be0ab5",
+}
+TAEF2_URL = "https://raw.githubusercontent.com/madebyollin/taesd/5cccb12dc72074a4be35680c3b108548a7c69978/{}"
+
+
+class TAEBlock(nn.Module):
+    """Three 3x3 convs with ReLUs, plus the input, then ReLU. `pooled`: TAEF2's mid blocks first add a 1x1-conv
+    -> GroupNorm -> ReLU -> 1x1-conv branch (4x wider), whose GroupNorm brings in per-image statistics."""
+
+    def __init__(self, c=64, pooled=False):
+        super().__init__()
+        conv = lambda: nn.Conv2d(c, c, 3, padding=1)
+        self.conv = nn.Sequential(conv(), nn.ReLU(), conv(), nn.ReLU(), conv())
+        self.pool = nn.Sequential(nn.Conv2d(c, 4 * c, 1, bias=False), nn.GroupNorm(4, 4 * c), nn.ReLU(),
+                                  nn.Conv2d(4 * c, c, 1, bias=False)) if pooled else None
+        self.fuse = nn.ReLU()
+
+    def forward(self, x):
+        if self.pool is not None:
+            x = x + self.pool(x)
+        return self.fuse(self.conv(x) + x)
+
+
+class TanhClamp(nn.Module):
+    def forward(self, z):
+        return torch.tanh(z / 3) * 3                      # latents are soft-clamped to (-3, 3) before decoding
+
+
+class TAEF2(nn.Module):
+    """TAEF2 (tiny autoencoder for FLUX.2's VAE, madebyollin/taesd): (B, 3, H, W) in [0, 1] <-> (B, 32, H/8, W/8).
+    Three stride-2 stages of 64-channel blocks each way; the state-dict indices follow its published files."""
+
+    def __init__(self, latent_channels=32, c=64):
+        super().__init__()
+        down = lambda: nn.Conv2d(c, c, 3, stride=2, padding=1, bias=False)
+        up = lambda: [nn.Upsample(scale_factor=2), nn.Conv2d(c, c, 3, padding=1, bias=False)]
+        blocks = lambda n, pooled=False: [TAEBlock(c, pooled) for _ in range(n)]
+        self.encoder = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), *blocks(1), down(), *blocks(3), down(),
+                                     *blocks(3), down(), *blocks(3, pooled=True), nn.Conv2d(c, latent_channels, 3, padding=1))
+        self.decoder = nn.Sequential(TanhClamp(), nn.Conv2d(latent_channels, c, 3, padding=1), nn.ReLU(),
+                                     *blocks(3, pooled=True), *up(), *blocks(3), *up(), *blocks(3), *up(), *blocks(1),
+                                     nn.Conv2d(c, 3, 3, padding=1))
+
+    def encode(self, x):
+        return self.encoder(x)                            # (B, 32, H/8, W/8)
+
+    def decode(self, z):
+        return self.decoder(z).clamp(0, 1)                # (B, 3, H, W)
+
+
+def taef2_files(weights=None):
+    """Paths of TAEF2's two files: in the folder `weights`, or downloaded once (pinned, sha256-checked) into
+    torch's hub cache (TORCH_HOME)."""
+    if weights:
+        paths = [os.path.join(weights, f) for f in TAEF2_FILES]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise WeightsUnavailable(f"--vae-weights {weights}: TAEF2 needs a folder with {' and '.join(TAEF2_FILES)}"
+                                     f"; missing {', '.join(missing)}")
+        return paths
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints", "taef2")
+    paths = []
+    for f, sha in TAEF2_FILES.items():
+        path = os.path.join(folder, f)
+        if not os.path.isfile(path):
+            why = W.probe(TAEF2_URL.format(f))
+            if why:
+                raise WeightsUnavailable(f"TAEF2 {f}: not in {folder} and {why}: offline? {W.ways_out('--vae-weights')}")
+            os.makedirs(folder, exist_ok=True)
+            try:
+                torch.hub.download_url_to_file(TAEF2_URL.format(f), path, hash_prefix=sha, progress=False)
+            except Exception as e:
+                raise WeightsUnavailable(f"TAEF2 {f} from {TAEF2_URL.format(f)}: {type(e).__name__}: "
+                                         f"{' '.join(str(e).split())[:160]}") from None
+        paths.append(path)
+    return paths
+
+
+def load_taef2(weights=None, random_init=False):
+    """A frozen TAEF2: from a folder of its two files (wins over --random-init), random, or downloaded."""
+    if random_init and not weights:
+        with fixed_seed():
+            return freeze(TAEF2())
+    model = TAEF2()
+    for part, path in zip((model.encoder, model.decoder), taef2_files(weights)):
+        W.load_exact(part, W.read_state_dict(path, "--vae-weights")[0], path)
+    return freeze(model)
+
+
+# -----------------------------------------------------------------------------
+# either latent space
+
+VAE_NAMES = (*MEDVAE_MODELS, "taef2")
+
+
+def load_vae(name, weights=None, random_init=False):
+    if name == "taef2":
+        return load_taef2(weights, random_init)
+    return load_medvae(name, weights, random_init)
+
+
+def vae_encode(vae, x):
+    """(B, 3, S, S) in [0, 1] -> the latent: TAEF2's, or MedVAE's stage-1 posterior mode after its normalisation."""
+    if isinstance(vae, TAEF2):
+        return vae.encode(x)
+    return vae.encode(medvae_normalise(x, vae.encoder.conv_in.in_channels)).mode()
+
+
+def vae_decode(vae, z):
+    """latent -> (B, 3, S, S) in [0, 1], to look at (MedVAE's image is its min-max normalised input's)."""
+    if isinstance(vae, TAEF2):
+        return vae.decode(z)
+    x = (vae.decode(z) * 0.5 + 0.5).clamp(0, 1)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
 @torch.inference_mode()
 def encode_latents(vae, images, batch_size=4, autocast=contextlib.nullcontext):
-    """images (N, 3, S, S) in [0, 1] -> stage-1 posterior mode z (N, c, S/f, S/f) float32, batched."""
-    in_channels = vae.encoder.conv_in.in_channels
+    """images (N, 3, S, S) in [0, 1] -> latents z (N, c, S/f, S/f) float32, batched."""
     outs = []
     for i in range(0, len(images), batch_size):
-        x = medvae_normalise(images[i:i + batch_size], in_channels)
         with autocast():
-            outs.append(vae.encode(x).mode().float())
+            outs.append(vae_encode(vae, images[i:i + batch_size]).float())
     return torch.cat(outs)
 
 
 # -----------------------------------------------------------------------------
 # prefetch: for clusters whose compute nodes are offline
 
-def medvae_files(name):
+def vae_files(name):
+    if name == "taef2":
+        return taef2_files()
     from medvae.utils.factory import FILE_DICT_ASSOCIATIONS
     if name not in FILE_DICT_ASSOCIATIONS:
         raise ValueError(f"{name} has no published weights; valid: {', '.join(FILE_DICT_ASSOCIATIONS)}")
@@ -349,11 +470,11 @@ def main(argv=None):
     p.add_argument("--prefetch", action="store_true", required=True, help="download and print path and sha256")
     p.add_argument("--clip", default="ViT-L-14", help="open_clip model name, as train.py --clip")
     p.add_argument("--pretrained", default="openai", help="open_clip pretrained tag, as train.py --pretrained")
-    p.add_argument("--vae", default="medvae_4_1_2d", help="MedVAE model, as train.py --vae")
+    p.add_argument("--vae", default="medvae_4_1_2d", help="MedVAE model or taef2, as train.py --vae")
     args = p.parse_args(argv)
     if args.clip not in clip_names():
         raise ValueError(f"unknown or unsupported CLIP model {args.clip!r}; valid: {', '.join(clip_names())}")
-    paths = [clip_weights_file(args.clip, args.pretrained)[0]] + medvae_files(args.vae)
+    paths = [clip_weights_file(args.clip, args.pretrained)[0]] + vae_files(args.vae)
     for path in paths:
         print(f"{W.sha256(path)}  {os.path.getsize(path) / 2**20:9.1f} MiB  {path}")
     print(f"cache: {W.hub_cache()}; on the offline nodes share it (HF_HOME or HF_HUB_CACHE) and set HF_HUB_OFFLINE=1")

@@ -12,7 +12,7 @@ Train a one-shot MediCLIP detector on anomalies *learned* in MedVAE latent space
     -> calibration set: the shots' views and as many fresh synthetic anomalies, scored (evaluate.py's Platt fit)
     -> save one checkpoint (atomically) and print the evaluate command.
 Baselines (--synth mediclip | pixel-noise | mix) add anomalies synthesised in pixel space: a bank of --bank views,
-encoded by the frozen CLIP once before the loop, like the normal views (baselines/pixel_tasks.py).
+encoded by the frozen CLIP once before the loop, like the normal views (pixel_tasks.py).
 
 A fixed number of steps; the last checkpoint is the result. The test split is never read here.
 
@@ -40,7 +40,7 @@ import deviation
 import encode
 import mediclip
 import project
-from baselines import pixel_tasks
+import pixel_tasks
 
 FORMAT_VERSION = 1
 SYNTH_MODES = ("deviation", "latent-noise", "mediclip", "pixel-noise", "mix")
@@ -63,8 +63,10 @@ def parse_args(argv=None):
     p.add_argument("--clip-weights", default=None, help="local CLIP state-dict file instead of the tag")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="CLIP blocks to read, counted from 1 "
                    "(default: at 1/2, 3/4 and all of the depth, i.e. MediCLIP's 12 18 24 for ViT-L-14)")
-    p.add_argument("--vae", default="medvae_4_1_2d", choices=list(encode.MEDVAE_MODELS), help="MedVAE 2D model")
-    p.add_argument("--vae-weights", default=None, help="local MedVAE checkpoint instead of the hub")
+    p.add_argument("--vae", default="medvae_4_1_2d", choices=list(encode.VAE_NAMES), help="the latent space: a "
+                   "MedVAE 2D model, or taef2 (a tiny real autoencoder that runs offline; not medical)")
+    p.add_argument("--vae-weights", default=None, help="local MedVAE checkpoint instead of the hub (taef2: a folder "
+                   "with taef2_encoder.pth and taef2_decoder.pth); it wins over --random-init")
     p.add_argument("--random-init", action="store_true", help="random CLIP and MedVAE weights (smoke runs only)")
     p.add_argument("--unet", default="small", choices=list(deviation.UNET_PRESETS), help="eta_theta size")
     p.add_argument("--projection", default="small", choices=list(project.PROJECTION_PRESETS), help="P_theta size")
@@ -94,6 +96,8 @@ def parse_args(argv=None):
     p.add_argument("--cache", default=None, help="folder to keep the frozen encodings of the views in, keyed by "
                    "their pixels, the encoders and encode.py: runs on the same shots (other --synth, steps, "
                    "weights of the losses) skip MedVAE and CLIP on them")
+    p.add_argument("--save-synthesis", type=int, default=0, metavar="N", help="at the end, decode the synthesis "
+                   "of N views into synthesis.png and synthesis.json beside the checkpoint (synthesise.py)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for every forward, frozen and trainable, "
                    "on CPU too (default: fp32, but bf16 for the frozen forwards on CUDA); ~1.4-1.9x faster steps "
                    "on a CPU with avx512_bf16")
@@ -145,12 +149,6 @@ def resolve_layers(layers, depth):
     return list(layers) if layers else [depth // 2, 3 * depth // 4, depth]
 
 
-def foreground(views, hw, frac=0.1):
-    """Where the anatomy is, on the latent grid: pixels brighter than frac of the image's max."""
-    g = F.adaptive_avg_pool2d(views.mean(1, keepdim=True), hw)     # (N, 1, h, w)
-    return g > frac * g.flatten(1).amax(1).view(-1, 1, 1, 1)
-
-
 def build_trainables(config, clip):
     """eta_theta, P_theta and MediCLIP from a config dict (also used by evaluate.py to rebuild them)."""
     eta = deviation.build_unet(config["unet"], config["latent_channels"])
@@ -160,25 +158,56 @@ def build_trainables(config, clip):
     return eta, proj, det
 
 
-def synthesise_latent(z0, fg, eta, abar, args, gen, grad=False):
-    """z_anom = z_n + C (1 - m_s) eta_pred (deviation; eta=None: C (1 - m_s) n, the latent-noise control) and m_s.
-    eta_pred is eta_theta's one-step prediction from a masked forward of z_n, whose mask is the anomaly's."""
-    B, (h, w), device = len(z0), z0.shape[-2:], z0.device
-    C = (args.C[0] + (args.C[1] - args.C[0]) * torch.rand(B, generator=gen)).to(device)
-    if args.synth_mask == "blobs":
-        m_s = deviation.sample_blob_mask(fg, gen)
-    else:
-        m_s = deviation.sample_patch_mask(B, h, w, gen, device)[0]
-    n_s = torch.randn(z0.shape, generator=gen).to(device)
-    if eta is None:
-        return deviation.synthesise(z0, m_s, C, n=n_s), m_s
-    t_s = torch.randint(deviation.T, (B,), generator=gen).to(device)
-    x_s, _ = deviation.masked_forward(z0, m_s, t_s, n_s, abar)
-    # by default the detector cannot reward eta_theta: a generator trained against the detector learns to make
-    # the anomalies that are easiest to detect, not plausible ones
-    with contextlib.nullcontext() if grad else torch.no_grad():
-        eta_pred = eta(x_s, t_s)
-    return deviation.synthesise(z0, m_s, C, eta_pred=eta_pred), m_s
+def encode_views(views, clip, tokens_model, layers, device, autocast, args):
+    """The frozen encodings of the views: CLIP tokens (list over layers) and VAE latents z, computed once, or read
+    from --cache. Returns them and whether they came from the cache."""
+    cache = args.cache and os.path.join(args.cache, f"views-{cache_key(views, layers, device, args)}.pt")
+    cached = read_cache(cache)
+    if cached:
+        print(f"frozen encodings of the {len(views)} views read from {cache}")
+        return [t.to(device) for t in cached["real"]], cached["z"].to(device), True
+    vae = encode.load_vae(args.vae, args.vae_weights, args.random_init).to(device)
+    real = [t.clone() for t in encode.encode_tokens(tokens_model, views.to(device), clip, autocast=autocast)]
+    z = encode.encode_latents(vae, views.to(device), autocast=autocast).clone()          # (k V, c, h, w)
+    if cache:
+        os.makedirs(args.cache, exist_ok=True)
+        save_checkpoint(dict(real=[t.cpu() for t in real], z=z.cpu()), cache)
+    return real, z, False
+
+
+def split_held_out(n, views_per_shot):
+    """Indices of the training views and of the held-out last view(s) of every shot (alignment is reported on them)."""
+    n_hold = max(1, views_per_shot // 8) if views_per_shot > 1 else 0
+    is_held = (torch.arange(n) % views_per_shot) >= views_per_shot - n_hold
+    return (~is_held).nonzero().squeeze(1), is_held.nonzero().squeeze(1)
+
+
+def encode_bank(views, clip, tokens_model, device, autocast, args):
+    """Pixel-space baselines: --bank anomalies synthesised from the views, their CLIP tokens and masks."""
+    mode = "pixel-noise" if args.synth == "pixel-noise" else "mediclip"
+    images, masks = pixel_tasks.build_bank(views, args.bank, mode, args.seed)
+    tokens = [t.clone() for t in encode.encode_tokens(tokens_model, images.to(device), clip, autocast=autocast)]
+    return tokens, masks.to(device)
+
+
+def standardise(z):
+    """z_n = (z - mean) / std per channel; and the mean and std (stored: synthesise.py decodes with them)."""
+    mean, std = z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    return (z - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1), mean, std
+
+
+def calibration_set(det, text, S, real, synthesise, bank, args):
+    """What a few-shot user has, scored by the trained detector: every view of the shots (normal; trained on, so
+    optimistic) and as many fresh synthetic anomalies of the kind it trained on (latent ones from synthesise(slice),
+    pixel ones from the bank). Their top CAL_TOP map values; evaluate.py fits Platt scaling on them."""
+    n, B = len(real[0]), args.batch_size
+    normal = score_tops(det, text, S, n, lambda s: [t[s] for t in real], B)
+    anomalous, n_each = [], n // (int(synthesise is not None) + int(bank is not None))
+    if synthesise is not None:
+        anomalous.append(score_tops(det, text, S, n_each, synthesise, B))
+    if bank is not None:
+        anomalous.append(score_tops(det, text, S, min(n_each, len(bank[1])), lambda s: [b[s] for b in bank[0]], B))
+    return dict(normal=normal, anomalous=torch.cat(anomalous), data=args.data, synth=args.synth)
 
 
 @torch.no_grad()
@@ -198,8 +227,9 @@ def cache_key(views, layers, device, args):
     for module in (encode, encode.W):
         with open(module.__file__, "rb") as f:
             h.update(f.read())
-    files = [(os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)) if p else None
-             for p in (args.clip_weights, args.vae_weights)]
+    stamp = lambda p: (os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p))
+    files = [None if not p else [stamp(os.path.join(p, f)) for f in sorted(os.listdir(p))] if os.path.isdir(p)
+             else stamp(p) for p in (args.clip_weights, args.vae_weights)]
     h.update(repr((args.clip, args.pretrained, args.random_init, list(layers), args.vae, files, device.type,
                    args.bf16)).encode())
     return h.hexdigest()[:20]
@@ -276,44 +306,23 @@ def main(args):
     layers = resolve_layers(args.layers, len(clip.visual.transformer.resblocks))
     clip_random, vae_random = args.random_init and not args.clip_weights, args.random_init and not args.vae_weights
     if clip_random or vae_random:
-        print(f"warning: random {' and '.join(['CLIP'] * clip_random + ['MedVAE'] * vae_random)} weights "
+        print(f"warning: random {' and '.join(['CLIP'] * clip_random + [args.vae] * vae_random)} weights "
               f"(--random-init): a smoke run; its numbers say nothing about the method")
     images, _ = data.load_images(shots, image_size)                        # (k, 3, S, S)
     views = data.augment_views(images, args.views, args.seed)              # (k V, 3, S, S)
     tokens_model = encode.CLIPTokens(clip, layers)
-    cache = args.cache and os.path.join(args.cache, f"views-{cache_key(views, layers, device, args)}.pt")
-    cached = read_cache(cache)
-    if cached:
-        real, z = [t.to(device) for t in cached["real"]], cached["z"].to(device)
-        print(f"frozen encodings of the {len(views)} views read from {cache}")
-    else:
-        vae = encode.load_medvae(args.vae, args.vae_weights, args.random_init).to(device)
-        real = [t.clone() for t in encode.encode_tokens(tokens_model, views.to(device), clip, autocast=autocast)]
-        z = encode.encode_latents(vae, views.to(device), autocast=autocast).clone()  # (k V, c, h, w)
-        del vae
-        if cache:
-            os.makedirs(args.cache, exist_ok=True)
-            save_checkpoint(dict(real=[t.cpu() for t in real], z=z.cpu()), cache)
-    # hold out the last view(s) of every shot: the alignment cosine is reported on them
-    n_hold = max(1, args.views // 8) if args.views > 1 else 0
-    is_held = (torch.arange(len(views)) % args.views) >= args.views - n_hold
-    train_idx, held_idx = (~is_held).nonzero().squeeze(1), is_held.nonzero().squeeze(1)
+    real, z, cached = encode_views(views, clip, tokens_model, layers, device, autocast, args)   # tokens, (k V, c, h, w)
+    train_idx, held_idx = split_held_out(len(views), args.views)
     uses_eta = args.synth in ("deviation", "mix")
     uses_latent = args.synth in ("deviation", "latent-noise", "mix")
     uses_bank = args.synth in ("mediclip", "pixel-noise", "mix")
     if uses_bank:  # pixel-space baselines: a bank of synthesised views, encoded once like the normals
-        mode = "pixel-noise" if args.synth == "pixel-noise" else "mediclip"
-        bank_images, bank_masks = pixel_tasks.build_bank(views[train_idx], args.bank, mode, args.seed)
-        bank = [t.clone() for t in encode.encode_tokens(tokens_model, bank_images.to(device), clip, autocast=autocast)]
-        bank_masks = bank_masks.to(device)
+        bank, bank_masks = encode_bank(views[train_idx], clip, tokens_model, device, autocast, args)
     text_tower = encode.TextTower(clip)
     del tokens_model  # the loop never runs the frozen image encoders
     encode_s = time.time() - t0
-
-    # standardise the latents per channel with statistics of the training views
-    z_mean, z_std = z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3)).clamp_min(1e-6)
-    z_n = (z - z_mean.view(1, -1, 1, 1)) / z_std.view(1, -1, 1, 1)
-    fg = foreground(views, z.shape[-2:]).to(device)
+    z_n, z_mean, z_std = standardise(z)                    # per channel, with statistics of the views
+    fg = deviation.foreground(views, z.shape[-2:]).to(device)
 
     # ---- trainables: their initialisation depends on the seed only, not on how the encoders were loaded
     torch.manual_seed(args.seed)
@@ -353,8 +362,9 @@ def main(args):
                     loss_deco = F.mse_loss(eta(x_t, t).float(), eta_target)
 
                 if uses_latent:  # 2. synthesis: z_anom = z_n + C (1 - m_s) eta_pred (or n), label = 1 - m_s
-                    z_anom, m_s = synthesise_latent(z0, fg_b, eta if uses_eta else None, abar, args, gen,
-                                                    args.det_trains_eta)
+                    draws = deviation.sample_synthesis(z0, fg_b, args.C, args.synth_mask, gen)
+                    z_anom, m_s = deviation.synthesise_latent(z0, draws, eta if uses_eta else None, abar,
+                                                              args.det_trains_eta)[0], draws["m"]
 
                     # 3. project into CLIP token space; keep P aligned with the real tokens of the same views
                     projected = proj(torch.cat([z_anom, z0]))                         # list of (2B, D, H, W)
@@ -408,17 +418,13 @@ def main(args):
     # ---- calibration set: what a few-shot user has, scored by the trained detector. Every view of the shots
     # (normal; the detector has trained on them, so their scores are optimistic) and as many fresh synthetic
     # anomalies of the kind it trained on, from their own generator. evaluate.py fits Platt scaling on it.
-    cal_gen, n = torch.Generator().manual_seed(args.seed + 1), len(views)
     with torch.no_grad():
         text = det.text_features(text_tower)
-    cal_normal = score_tops(det, text, S, n, lambda s: [t[s] for t in real], B)
-    cal_anomalous, n_each = [], n // (int(uses_latent) + int(uses_bank))
-    if uses_latent:
-        cal_anomalous.append(score_tops(det, text, S, n_each, lambda s: proj(synthesise_latent(
-            z_n[s], fg[s], eta if uses_eta else None, abar, args, cal_gen)[0]), B))
-    if uses_bank:
-        cal_anomalous.append(score_tops(det, text, S, min(n_each, len(bank_masks)), lambda s: [b[s] for b in bank], B))
-    calibration = dict(normal=cal_normal, anomalous=torch.cat(cal_anomalous), data=args.data, synth=args.synth)
+    cal_gen = torch.Generator().manual_seed(args.seed + 1)
+    synth_tokens = None if not uses_latent else lambda s: proj(deviation.synthesise_latent(
+        z_n[s], deviation.sample_synthesis(z_n[s], fg[s], args.C, args.synth_mask, cal_gen),
+        eta if uses_eta else None, abar)[0])
+    calibration = calibration_set(det, text, S, real, synth_tokens, (bank, bank_masks) if uses_bank else None, args)
     calib_s = time.time() - t0 - encode_s - train_s
 
     # ---- save
@@ -434,12 +440,15 @@ def main(args):
         "code_version": code_version(),
     }
     # the checkpoint's bytes depend on its inputs only; how long it took goes beside it
-    write_json(dict(encode_s=encode_s, train_s=train_s, calib_s=calib_s, encodings_cached=bool(cached),
+    write_json(dict(encode_s=encode_s, train_s=train_s, calib_s=calib_s, encodings_cached=cached,
                     wall_s=time.time() - t0), os.path.join(out, "timings.json"))
     path = os.path.join(out, "run.pt")
     save_checkpoint(ckpt, path)
     print(f"first log row: {first}\nlast log row:  {row}")
     print(f"saved {path} ({time.time() - t0:.0f} s)\nnext: python evaluate.py --ckpt {path}")
+    if args.save_synthesis:  # decoded anomalies of this run, beside it (synthesise.py)
+        import synthesise
+        synthesise.main(synthesise.parse_args(["--ckpt", path, "--n", str(args.save_synthesis)]))
     return path
 
 

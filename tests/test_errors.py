@@ -148,3 +148,9 @@ def test_reports_say_what_a_reader_must_know_first(tmp_path, capsys):
     assert not any("calibration and thresholds fitted on" in w for w in m["warnings"])
     m["conditions"]["train_data"] = "busi"
     assert any("fitted on busi" in w for w in evaluate.report_warnings(m, [ckpt], "synthetic"))
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    assert "(default: 300)" in capsys.readouterr().out

@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from baselines import pixel_tasks as pt
+import pixel_tasks as pt
 
 S = 64
 

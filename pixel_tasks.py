@@ -13,7 +13,7 @@ Images are CPU float32 tensors (3, S, S) in [0, 1]. Every task returns (out (3, 
 mask is exactly the set of changed pixels, (out != image).any(0), so labels never claim an unchanged pixel.
 All randomness comes from the passed torch.Generator: same seed, bit-identical result.
 
-    from baselines import pixel_tasks
+    import pixel_tasks
     images, masks = pixel_tasks.build_bank(views, n=128, mode="mediclip", seed=0)   # or mode="pixel-noise"
     out, mask = pixel_tasks.synthesise_mediclip(image, others, torch.Generator().manual_seed(0), fg)
 """
