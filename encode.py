@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import weights as W
-from weights import MEDVAE_REPO, WeightsUnavailable  # noqa: F401  (callers catch encode.WeightsUnavailable)
+from weights import WeightsUnavailable  # noqa: F401  (callers catch encode.WeightsUnavailable)
 
 # Architectures assumed for --random-init and --vae-weights (the hub brings each model's own config).
 # MedVAE fine-tunes the KL autoencoders of Latent Diffusion (Rombach et al. 2022): kl-f4 is ch 128,
@@ -110,38 +110,6 @@ def clip_from_file(name, path, quickgelu=None):
     return model
 
 
-def clip_weights_file(name, pretrained):
-    """The local file of an open_clip pretrained tag (downloaded into its cache if need be), and whether the
-    weights need QuickGELU: `openai` from the hub repos that hold OpenAI's weights today (or a legacy
-    ~/.cache/clip file), other hub tags from the hub, URL tags through open_clip's own download."""
-    import open_clip
-    base = name.replace("-quickgelu", "")
-    cfg = open_clip.get_pretrained_cfg(name, pretrained) or open_clip.get_pretrained_cfg(base, pretrained)
-    if not cfg:
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        raise ValueError(f"unknown pretrained tag {pretrained!r} for {name}; valid: {', '.join(tags)}")
-    if pretrained == "openai":
-        return W.legacy_openai_file(name) or W.hub_file(W.OPENAI_HUB[base], W.OPEN_CLIP_FILES, "--clip-weights"), True
-    quickgelu = name.endswith("-quickgelu")
-    if cfg.get("hf_hub"):
-        repo, filename = cfg["hf_hub"].rstrip("/"), None
-        if repo.count("/") > 1:
-            repo, filename = repo.rsplit("/", 1)
-        return W.hub_file(repo, [filename] if filename else W.OPEN_CLIP_FILES, "--clip-weights"), quickgelu
-    url = cfg["url"]  # GitHub releases and the like: open_clip's own download and cache (~/.cache/clip)
-    from open_clip.pretrained import download_pretrained_from_url
-    cached = os.path.isfile(os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url)))
-    why = None if cached else W.probe(url)
-    if why:
-        raise WeightsUnavailable(f"CLIP {name} ({pretrained}): not in ~/.cache/clip and {why}: offline? "
-                                 f"{W.ways_out('--clip-weights')}")
-    try:
-        return download_pretrained_from_url(url), quickgelu
-    except Exception as e:
-        raise WeightsUnavailable(f"CLIP {name} ({pretrained}) from {url}: {type(e).__name__}: "
-                                 f"{' '.join(str(e).split())[:160]}") from None
-
-
 def load_clip(name="ViT-L-14", pretrained="openai", weights=None, random_init=False):
     """A frozen open_clip model: from a local weights file (it wins over --random-init), random weights (only
     when asked), or the pretrained tag's file (clip_weights_file)."""
@@ -153,7 +121,7 @@ def load_clip(name="ViT-L-14", pretrained="openai", weights=None, random_init=Fa
     if random_init:  # the architecture the tag would load: OpenAI's tags mean QuickGELU
         with fixed_seed():
             return freeze(create_clip(name, quickgelu=pretrained == "openai" or name.endswith("-quickgelu")))
-    path, quickgelu = clip_weights_file(name, pretrained)
+    path, quickgelu = W.clip_weights_file(name, pretrained)
     return freeze(clip_from_file(name, path, quickgelu))
 
 
@@ -293,12 +261,8 @@ def load_medvae(name="medvae_4_1_2d", weights=None, random_init=False):
         with fixed_seed():
             return freeze(build_medvae(name, medvae_ddconfig(name), MEDVAE_MODELS[name]["z_channels"]))
     else:
-        from medvae.utils.factory import FILE_DICT_ASSOCIATIONS
-        if name not in FILE_DICT_ASSOCIATIONS:
-            raise ValueError(f"{name} has no published weights; use --random-init")
-        files = FILE_DICT_ASSOCIATIONS[name]
-        ddconfig, embed_dim = read_medvae_config(W.hub_file(MEDVAE_REPO, files["config"], "--vae-weights"))
-        ckpt = W.hub_file(MEDVAE_REPO, files["ckpt"], "--vae-weights")
+        config, ckpt = W.vae_files(name)                  # the package's yaml and checkpoint, from the hub
+        ddconfig, embed_dim = read_medvae_config(config)
     model = build_medvae(name, ddconfig, embed_dim)
     sd, info = W.read_state_dict(ckpt, "--vae-weights")
     ignored = W.load_exact(model, sd, ckpt, optional=MEDVAE_OPTIONAL)
@@ -322,13 +286,6 @@ def medvae_normalise(x, in_channels):
 
 # -----------------------------------------------------------------------------
 # TAEF2: a real (tiny, not medical) autoencoder that runs offline here, so the synthesis can be looked at
-
-TAEF2_FILES = {  # madebyollin/taesd (MIT) publishes it in its GitHub repository, not on the HF hub: pinned here
-    "taef2_encoder.pth": "10a4e1021e89d7551eaf161352da8dbd0b1aa83872ae28b150c1df1ce2f147b6",
-    "taef2_decoder.pth": "0a44a31e1ae59eb9dbf9359d24942fd3ef5928162c1800d97a28c61d51be0ab5",
-}
-TAEF2_URL = "https://raw.githubusercontent.com/madebyollin/taesd/5cccb12dc72074a4be35680c3b108548a7c69978/{}"
-
 
 class TAEBlock(nn.Module):
     """Three 3x3 convs with ReLUs, plus the input, then ReLU. `pooled`: TAEF2's mid blocks first add a 1x1-conv
@@ -375,41 +332,13 @@ class TAEF2(nn.Module):
         return self.decoder(z).clamp(0, 1)                # (B, 3, H, W)
 
 
-def taef2_files(weights=None):
-    """Paths of TAEF2's two files: in the folder `weights`, or downloaded once (pinned, sha256-checked) into
-    torch's hub cache (TORCH_HOME)."""
-    if weights:
-        paths = [os.path.join(weights, f) for f in TAEF2_FILES]
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            raise WeightsUnavailable(f"--vae-weights {weights}: TAEF2 needs a folder with {' and '.join(TAEF2_FILES)}"
-                                     f"; missing {', '.join(missing)}")
-        return paths
-    folder = os.path.join(torch.hub.get_dir(), "checkpoints", "taef2")
-    paths = []
-    for f, sha in TAEF2_FILES.items():
-        path = os.path.join(folder, f)
-        if not os.path.isfile(path):
-            why = W.probe(TAEF2_URL.format(f))
-            if why:
-                raise WeightsUnavailable(f"TAEF2 {f}: not in {folder} and {why}: offline? {W.ways_out('--vae-weights')}")
-            os.makedirs(folder, exist_ok=True)
-            try:
-                torch.hub.download_url_to_file(TAEF2_URL.format(f), path, hash_prefix=sha, progress=False)
-            except Exception as e:
-                raise WeightsUnavailable(f"TAEF2 {f} from {TAEF2_URL.format(f)}: {type(e).__name__}: "
-                                         f"{' '.join(str(e).split())[:160]}") from None
-        paths.append(path)
-    return paths
-
-
 def load_taef2(weights=None, random_init=False):
     """A frozen TAEF2: from a folder of its two files (wins over --random-init), random, or downloaded."""
     if random_init and not weights:
         with fixed_seed():
             return freeze(TAEF2())
     model = TAEF2()
-    for part, path in zip((model.encoder, model.decoder), taef2_files(weights)):
+    for part, path in zip((model.encoder, model.decoder), W.taef2_files(weights)):
         W.load_exact(part, W.read_state_dict(path, "--vae-weights")[0], path)
     return freeze(model)
 
@@ -454,15 +383,6 @@ def encode_latents(vae, images, batch_size=4, autocast=contextlib.nullcontext):
 # -----------------------------------------------------------------------------
 # prefetch: for clusters whose compute nodes are offline
 
-def vae_files(name):
-    if name == "taef2":
-        return taef2_files()
-    from medvae.utils.factory import FILE_DICT_ASSOCIATIONS
-    if name not in FILE_DICT_ASSOCIATIONS:
-        raise ValueError(f"{name} has no published weights; valid: {', '.join(FILE_DICT_ASSOCIATIONS)}")
-    return [W.hub_file(MEDVAE_REPO, f, "--vae-weights") for f in FILE_DICT_ASSOCIATIONS[name].values()]
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Download every file the frozen encoders need into the caches "
                                 "(HF_HOME / HF_HUB_CACHE), so that later runs work with HF_HUB_OFFLINE=1.",
@@ -474,7 +394,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.clip not in clip_names():
         raise ValueError(f"unknown or unsupported CLIP model {args.clip!r}; valid: {', '.join(clip_names())}")
-    paths = [clip_weights_file(args.clip, args.pretrained)[0]] + vae_files(args.vae)
+    paths = [W.clip_weights_file(args.clip, args.pretrained)[0]] + W.vae_files(args.vae)
     for path in paths:
         print(f"{W.sha256(path)}  {os.path.getsize(path) / 2**20:9.1f} MiB  {path}")
     print(f"cache: {W.hub_cache()}; on the offline nodes share it (HF_HOME or HF_HUB_CACHE) and set HF_HUB_OFFLINE=1")

@@ -11,13 +11,16 @@ Where the frozen encoders' weights come from, and how their files are read witho
   openaipublic.azureedge.net, which answers 404 since late 2025. The same weights are published as open_clip
   state dicts in the hub repos of OPENAI_HUB (open_clip >= 2.29 reads them from there) and, like every OpenAI
   CLIP, need QuickGELU. A legacy ~/.cache/clip/<name>.pt that a user already has is still used.
+- TAEF2, the tiny autoencoder that stands in for MedVAE offline: from the GitHub repository that publishes it,
+  pinned to a commit and checked against its sha256.
 - Readers: safetensors, torch state dicts (weights_only), OpenAI's TorchScript archives (their tensors only, read
   with an unpickler that builds tensors and nothing else), and Lightning checkpoints, whose pickled extras
   (hyper-parameters, callbacks, paths) are replaced by inert stand-ins so that weights_only loading accepts them.
 
     import weights
-    path = weights.hub_file("timm/vit_base_patch16_clip_224.openai", weights.OPEN_CLIP_FILES, "--clip-weights")
+    path, quickgelu = weights.clip_weights_file("ViT-B-16", "openai")   # downloaded once, then from the cache
     sd, info = weights.read_state_dict(path)         # info: format, whether it is OpenAI's (QuickGELU)
+    config, ckpt = weights.vae_files("medvae_4_1_2d")
 """
 import collections
 import errno
@@ -303,3 +306,84 @@ def summarise_ignored(keys):
     """'loss.* (12), model_ema.* (3)': ignored keys grouped by their first component."""
     groups = collections.Counter(k.split(".")[0] + (".*" if "." in k else "") for k in keys)
     return ", ".join(f"{g} ({n})" for g, n in groups.most_common())
+
+
+# -----------------------------------------------------------------------------
+# which files each backbone needs: fetched (or found) here, built in encode.py
+
+def clip_weights_file(name, pretrained):
+    """The local file of an open_clip pretrained tag (downloaded into its cache if need be), and whether the
+    weights need QuickGELU: `openai` from the hub repos that hold OpenAI's weights today (or a legacy
+    ~/.cache/clip file), other hub tags from the hub, URL tags through open_clip's own download."""
+    import open_clip
+    base = name.replace("-quickgelu", "")
+    cfg = open_clip.get_pretrained_cfg(name, pretrained) or open_clip.get_pretrained_cfg(base, pretrained)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise ValueError(f"unknown pretrained tag {pretrained!r} for {name}; valid: {', '.join(tags)}")
+    if pretrained == "openai":
+        return legacy_openai_file(name) or hub_file(OPENAI_HUB[base], OPEN_CLIP_FILES, "--clip-weights"), True
+    quickgelu = name.endswith("-quickgelu")
+    if cfg.get("hf_hub"):
+        repo, filename = cfg["hf_hub"].rstrip("/"), None
+        if repo.count("/") > 1:
+            repo, filename = repo.rsplit("/", 1)
+        return hub_file(repo, [filename] if filename else OPEN_CLIP_FILES, "--clip-weights"), quickgelu
+    url = cfg["url"]  # GitHub releases and the like: open_clip's own download and cache (~/.cache/clip)
+    from open_clip.pretrained import download_pretrained_from_url
+    cached = os.path.isfile(os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url)))
+    why = None if cached else probe(url)
+    if why:
+        raise WeightsUnavailable(f"CLIP {name} ({pretrained}): not in ~/.cache/clip and {why}: offline? "
+                                 f"{ways_out('--clip-weights')}")
+    try:
+        return download_pretrained_from_url(url), quickgelu
+    except Exception as e:
+        raise WeightsUnavailable(f"CLIP {name} ({pretrained}) from {url}: {type(e).__name__}: "
+                                 f"{' '.join(str(e).split())[:160]}") from None
+
+
+TAEF2_FILES = {  # madebyollin/taesd (MIT) publishes it in its GitHub repository, not on the HF hub: pinned here
+    "taef2_encoder.pth": "10a4e1021e89d7551eaf161352da8dbd0b1aa83872ae28b150c1df1ce2f147b6",
+    "taef2_decoder.pth": "0a44a31e1ae59eb9dbf9359d24942fd3ef5928162c1800d97a28c61d51be0ab5",
+}
+TAEF2_URL = "https://raw.githubusercontent.com/madebyollin/taesd/5cccb12dc72074a4be35680c3b108548a7c69978/{}"
+
+
+def taef2_files(weights=None):
+    """Paths of TAEF2's two files: in the folder `weights`, or downloaded once (pinned, sha256-checked) into
+    torch's hub cache (TORCH_HOME)."""
+    if weights:
+        paths = [os.path.join(weights, f) for f in TAEF2_FILES]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise WeightsUnavailable(f"--vae-weights {weights}: TAEF2 needs a folder with {' and '.join(TAEF2_FILES)}"
+                                     f"; missing {', '.join(missing)}")
+        return paths
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints", "taef2")
+    paths = []
+    for f, sha in TAEF2_FILES.items():
+        path = os.path.join(folder, f)
+        if not os.path.isfile(path):
+            why = probe(TAEF2_URL.format(f))
+            if why:
+                raise WeightsUnavailable(f"TAEF2 {f}: not in {folder} and {why}: offline? {ways_out('--vae-weights')}")
+            os.makedirs(folder, exist_ok=True)
+            try:
+                torch.hub.download_url_to_file(TAEF2_URL.format(f), path, hash_prefix=sha, progress=False)
+            except Exception as e:
+                raise WeightsUnavailable(f"TAEF2 {f} from {TAEF2_URL.format(f)}: {type(e).__name__}: "
+                                         f"{' '.join(str(e).split())[:160]}") from None
+        paths.append(path)
+    return paths
+
+
+def vae_files(name):
+    """The files of a VAE: TAEF2's two, or the medvae package's yaml and checkpoint (its FILE_DICT_ASSOCIATIONS)."""
+    if name == "taef2":
+        return taef2_files()
+    from medvae.utils.factory import FILE_DICT_ASSOCIATIONS
+    if name not in FILE_DICT_ASSOCIATIONS:
+        raise ValueError(f"{name} has no published weights (use --random-init); published: "
+                         f"{', '.join(FILE_DICT_ASSOCIATIONS)}")
+    return [hub_file(MEDVAE_REPO, f, "--vae-weights") for f in FILE_DICT_ASSOCIATIONS[name].values()]

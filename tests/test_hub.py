@@ -204,7 +204,7 @@ def test_openai_old_host_is_gone_and_not_needed(hub, monkeypatch, tmp_path):
                                                                            url=url))
     with pytest.raises(Exception, match="404"):
         open_clip.create_model("ViT-B-16", pretrained="openai", cache_dir=str(tmp_path / "oc"))
-    msg = fails_fast(lambda: encode.clip_weights_file("ViT-B-16", "openai"), "HTTP 401")
+    msg = fails_fast(lambda: weights.clip_weights_file("ViT-B-16", "openai"), "HTTP 401")
     assert CLIP_REPO in msg
 
 

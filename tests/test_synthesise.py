@@ -74,6 +74,14 @@ def test_taef2_weights_load_and_a_folder_is_required(tmp_path):
         encode.load_vae("taef2", str(tmp_path))
 
 
+def test_taef2_offline_fails_fast(monkeypatch, tmp_path):
+    import weights
+    monkeypatch.setattr(weights, "probe", lambda *a, **k: "no route to https://raw.githubusercontent.com:443 (test)")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(encode.WeightsUnavailable, match="taef2_encoder.pth: not in .* --vae-weights"):
+        encode.load_vae("taef2")
+
+
 @needs_taef2
 @needs_data
 @pytest.mark.parametrize("name, least", [("brainmri", 30.0), ("busi", 30.0)])
