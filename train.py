@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 import torch
 import torch.nn.functional as F
@@ -258,7 +259,7 @@ def code_version():
 def save_checkpoint(ckpt, path):
     """torch.save to a temporary file, then rename: a run killed while saving never leaves a corrupt file.
     (torch names the archive inside after the final file's name, not the temporary one: same inputs, same bytes.)"""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp{uuid.uuid4().hex}"  # unique across the hosts of a shared filesystem
     try:
         torch.save(ckpt, tmp)
         os.replace(tmp, path)
@@ -269,7 +270,7 @@ def save_checkpoint(ckpt, path):
 
 def write_json(obj, path):
     """json.dump to a temporary file, then rename (as save_checkpoint)."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp{uuid.uuid4().hex}"  # unique across the hosts of a shared filesystem
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)

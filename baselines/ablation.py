@@ -9,9 +9,18 @@ Everything after `--` goes to train.py unchanged. Block by block (a dataset and 
 (the modes of one seed share the frozen encodings of its views, train.py --cache <out>/cache), then all are
 evaluated together, one frozen CLIP forward per test batch serving every checkpoint. Resumable: a run whose
 metrics.json exists is skipped, and a run whose checkpoint exists is only evaluated; `--report-only` tabulates the
-runs finished so far and runs nothing. `--test-data NAME` evaluates every checkpoint on another dataset (a
-cross-dataset cell). Writes <out>/table.md (image and pixel AUROC per cell) and <out>/runs.json (every run with
-its full configuration and metrics).
+runs finished so far, lists the ones still missing, and runs nothing. `--test-data NAME` evaluates every
+checkpoint on another dataset (a cross-dataset cell). Writes <out>/table.md (image and pixel AUROC per cell) and
+<out>/runs.json (every run with its full configuration and metrics, and the missing ones).
+
+On a cluster, `--shard I/N` (1-based, as SLURM's array task ids) makes worker I of N take every N-th unit of the
+protocol, a unit being a (dataset, shots, seed) with all its modes (they share the frozen encodings of its views).
+N workers on a shared filesystem never train or evaluate the same run, and together cover every run once; every
+file a run writes is written to a temporary name and renamed, so a killed worker leaves nothing a rerun trusts
+(a run without run.pt is trained again, one without metrics.json evaluated again). scripts/ablation.sbatch is
+the SLURM job array; locally:
+
+    for i in 1 2 3 4; do python -m baselines.ablation ... --shard $i/4 > shard$i.log 2>&1 & done; wait
 """
 import argparse
 import json
@@ -43,10 +52,36 @@ def parse_args(argv=None):
     # run
     p.add_argument("--out", default="runs/ablation", help="folder of all runs, the table and the JSON")
     p.add_argument("--report-only", action="store_true", help="train and evaluate nothing: the table of the runs "
-                   "finished so far (a protocol that spans several sessions)")
+                   "finished so far (by every shard), and the runs still missing")
+    p.add_argument("--shard", default=None, metavar="I/N", help="worker I of N (1-based): every N-th (dataset, "
+                   "shots, seed) unit of the protocol; without it, every unit")
     args = p.parse_args(argv)
+    args.shard = parse_shard(args.shard)
     args.train_args = extra
     return args
+
+
+def parse_shard(text):
+    """'I/N' -> (I, N), 1 <= I <= N; None -> (1, 1)."""
+    if text is None:
+        return 1, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"error: --shard {text}: expected I/N, e.g. 3/16") from None
+    if not 1 <= i <= n:
+        raise SystemExit(f"error: --shard {text}: I must be in 1..N (1-based, as SLURM array task ids)")
+    return i, n
+
+
+def units(args):
+    """The protocol's units in a fixed order: (dataset, shots, seed), each with all its modes."""
+    return [(d, k, s) for d in args.datasets for k in args.shots for s in args.seeds]
+
+
+def shard_of(args, unit):
+    """The 1-based shard that owns a unit: round robin over units(), so shard sizes differ by one at most."""
+    return units(args).index(unit) % args.shard[1] + 1
 
 
 def run_folder(args, dataset, k, mode, seed):
@@ -77,27 +112,38 @@ def evaluate_together(args, folders, test):
                               masks, [ckpts[j]], [paths[j]], backbone, ev)
 
 
-def run_block(args, dataset, k):
-    """All seeds x modes of one (dataset, shots): train what is missing, evaluate what is missing together;
-    returns the records of the finished runs."""
-    test = args.test_data or dataset
-    runs = [(mode, seed) for seed in args.seeds for mode in args.modes]
-    metrics_path = lambda mode, seed: os.path.join(run_folder(args, dataset, k, mode, seed), f"eval-{test}",
-                                                   "metrics.json")
-    todo = [(mode, seed) for mode, seed in runs if not os.path.isfile(metrics_path(mode, seed))]
-    if todo and not args.report_only:
-        for mode, seed in todo:
-            train_one(args, dataset, k, mode, seed)
-        evaluate_together(args, [run_folder(args, dataset, k, mode, seed) for mode, seed in todo], test)
-    records = []
-    for mode, seed in runs:
-        if os.path.isfile(metrics_path(mode, seed)):
-            with open(metrics_path(mode, seed)) as f:
+def metrics_path(args, dataset, k, mode, seed):
+    return os.path.join(run_folder(args, dataset, k, mode, seed), f"eval-{args.test_data or dataset}", "metrics.json")
+
+
+def run_block(args, dataset, k, seeds):
+    """The given seeds x all modes of one (dataset, shots): train what is missing, then evaluate what is missing
+    together."""
+    todo = [(mode, seed) for seed in seeds for mode in args.modes
+            if not os.path.isfile(metrics_path(args, dataset, k, mode, seed))]
+    for mode, seed in todo:
+        train_one(args, dataset, k, mode, seed)
+    if todo:
+        evaluate_together(args, [run_folder(args, dataset, k, mode, seed) for mode, seed in todo],
+                          args.test_data or dataset)
+
+
+def collect(args):
+    """Every finished run of the protocol, whichever worker ran it, and the (dataset, shots, mode, seed) missing."""
+    records, missing = [], []
+    for dataset, k, seed in units(args):
+        for mode in args.modes:
+            path = metrics_path(args, dataset, k, mode, seed)
+            if not os.path.isfile(path):
+                missing.append(dict(train_data=dataset, shots=k, mode=mode, seed=seed,
+                                    shard=shard_of(args, (dataset, k, seed))))
+                continue
+            with open(path) as f:
                 m = json.load(f)
-            records.append(dict(train_data=dataset, test_data=test, shots=k, mode=mode, seed=seed,
-                                image_auroc=m["image"]["auroc"],
+            records.append(dict(train_data=dataset, test_data=args.test_data or dataset, shots=k, mode=mode,
+                                seed=seed, image_auroc=m["image"]["auroc"],
                                 pixel_auroc=m["pixel"]["auroc"] if m["pixel"] else None, metrics=m))
-    return records
+    return records, missing
 
 
 def mean_std(values):
@@ -125,10 +171,24 @@ def write_table(runs, modes, path):
 
 def main(args):
     os.makedirs(args.out, exist_ok=True)
-    runs = [r for d in args.datasets for k in args.shots for r in run_block(args, d, k)]
-    evaluate.write_json(dict(train_args=args.train_args, runs=runs), os.path.join(args.out, "runs.json"))
+    mine = [u for u in units(args) if shard_of(args, u) == args.shard[0]]
+    if not args.report_only:
+        for dataset in args.datasets:
+            for k in args.shots:
+                seeds = [s for d, kk, s in mine if (d, kk) == (dataset, k)]
+                if seeds:
+                    run_block(args, dataset, k, seeds)
+    runs, missing = collect(args)     # what every worker has finished so far
+    evaluate.write_json(dict(train_args=args.train_args, runs=runs, missing=missing),
+                        os.path.join(args.out, "runs.json"))
     write_table(runs, args.modes, os.path.join(args.out, "table.md"))
     print(open(os.path.join(args.out, "table.md")).read())
+    if missing:
+        shards = sorted({m["shard"] for m in missing})
+        print(f"{len(missing)} of {len(runs) + len(missing)} runs missing, e.g. " + ", ".join(
+            f"{m['train_data']} k{m['shots']} {m['mode']} s{m['seed']}" for m in missing[:4])
+            + (f"; owned by shards {','.join(map(str, shards))} of {args.shard[1]} (resubmit those array tasks)"
+               if args.shard[1] > 1 else ""))
     return runs
 
 
