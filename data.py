@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from scipy.ndimage import gaussian_filter, label as cc_label
 
+import scans
+
 DATASETS = ("brainmri", "busi", "chexpert", "synthetic")
 # where the public datasets come from: MediCLIP's data README packages each in the layout read here
 MEDICLIP_DATA = "https://github.com/cnulab/MediCLIP/tree/main/data (its README links each dataset, packaged)"
@@ -41,9 +43,30 @@ class DataError(ValueError):
     """Bad input data; the message names the file and the problem on one line."""
 
 
-def _record(name, label, cls, path=None, mask_path=None, image=None, mask=None):
-    return {"name": name, "label": label, "cls": cls, "path": path,
-            "mask_path": mask_path, "image": image, "mask": mask}
+def _record(name, label, cls, path=None, mask_path=None, image=None, mask=None, index=None, scan=None):
+    """index: the frame or slice of a scan file (scans.py); scan: how to read it (slice axis, window)."""
+    return {"name": name, "label": label, "cls": cls, "path": path, "mask_path": mask_path, "image": image,
+            "mask": mask, "index": index, "scan": scan}
+
+
+SCAN_DEFAULTS = dict(axis="axial", window=None, skip_empty=False)
+
+
+def scan_records(path, name, label, cls, mask_path=None, scan=None):
+    """One record per image a file holds: itself, or each frame of a multi-frame DICOM (FILE#f=K) or slice of
+    a NIfTI volume (FILE#z=K for axial; with skip_empty, only slices with anatomy in them)."""
+    if not scans.is_scan(path):
+        return [_record(name, label, cls, path, mask_path)]
+    scan = dict(SCAN_DEFAULTS, **(scan or {}))
+    try:
+        n, letter = scans.count_images(path, scan["axis"])
+        keep = range(n)
+        if scan["skip_empty"] and scans.is_nifti(path) and n > 1:
+            keep = [i for i in keep if (scans.read_scan(path, i, scan["axis"], scan["window"]) > 0.05).mean() > 0.01]
+    except scans.ScanError as e:
+        raise DataError(str(e)) from None
+    return [_record(name if n == 1 else f"{name}#{letter}={i}", label, cls, path, mask_path, index=i, scan=scan)
+            for i in keep]
 
 
 def _one_line(e):
@@ -53,7 +76,14 @@ def _one_line(e):
 # -----------------------------------------------------------------------------
 # splits
 
-def load_split(name, root, split, seed=0):
+def in_order(recs):
+    """Records sorted by name, the frames and slices of one file by their number (z=2 before z=10)."""
+    return sorted(recs, key=lambda r: (r["name"].split("#")[0], r.get("index") or 0, r["name"]))
+
+
+def load_split(name, root, split, seed=0, scan=None):
+    """The records of a split; DICOM and NIfTI files give a record per frame or slice, read as `scan` says
+    (SCAN_DEFAULTS: axial slices, the file's own or a percentile window)."""
     if split not in ("train", "test"):
         raise DataError(f"{name}: split must be 'train' or 'test', got {split!r}")
     if name == "synthetic":
@@ -63,9 +93,9 @@ def load_split(name, root, split, seed=0):
         base = os.path.join(root, name)
         json_path = os.path.join(base, "samples", f"{split}.json")
         if os.path.isfile(json_path):
-            recs = _mediclip(base, json_path)
+            recs = _mediclip(base, json_path, scan)
         elif _is_mvfa(base):
-            recs = _mvfa(base, split)
+            recs = _mvfa(base, split, scan)
         elif not os.path.isdir(base):
             raise DataError(missing_dataset(name, root))
         else:
@@ -73,7 +103,7 @@ def load_split(name, root, split, seed=0):
                             f"valid/test folder); named datasets: {', '.join(DATASETS)}")
         if not recs:
             raise DataError(f"{base}: split {split!r} is empty (no images listed or found)")
-    return sorted(recs, key=lambda r: r["name"])
+    return in_order(recs)
 
 
 def missing_dataset(name, root):
@@ -85,7 +115,7 @@ def missing_dataset(name, root):
             f"(or --data synthetic for a run that needs no download)")
 
 
-def _mediclip(base, json_path):
+def _mediclip(base, json_path, scan=None):
     images = os.path.join(base, "images")
     recs, seen = [], set()
     with open(json_path, encoding="utf-8") as f:
@@ -112,7 +142,7 @@ def _mediclip(base, json_path):
                 if p is not None and not os.path.isfile(p):
                     raise DataError(f"{p}: listed in {where} but missing")
             cls = item.get("clsname") or ("normal" if label == 0 else "abnormal")
-            recs.append(_record(fn, label, cls, path, mask))
+            recs.extend(scan_records(path, fn, label, cls, mask, scan))
     return recs
 
 
@@ -122,14 +152,14 @@ def _is_mvfa(base):
 
 
 def _image_files(folder):
-    """Image files directly inside folder (not recursive), sorted."""
+    """Image and scan files directly inside folder (not recursive), sorted."""
     if not os.path.isdir(folder):
         return []
-    return sorted(f for f in os.listdir(folder)
-                  if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."))
+    return sorted(f for f in os.listdir(folder) if not f.startswith(".") and
+                  (f.lower().endswith(IMAGE_EXTS) or scans.is_scan(os.path.join(folder, f))))
 
 
-def _mvfa(base, split):
+def _mvfa(base, split, scan=None):
     parts = [("valid", "good", 0, "normal")] if split == "train" else \
             [("test", "good", 0, "normal"), ("test", "Ungood", 1, "abnormal")]
     recs = []
@@ -141,13 +171,14 @@ def _mvfa(base, split):
             masks = [os.path.join(gdir, d, fn) for d in MASK_DIRS] if label == 1 else []
             mask = next((m for m in masks if os.path.isfile(m)), None)
             name = os.path.relpath(path, base).replace(os.sep, "/")
-            recs.append(_record(name, label, cls, path, mask))
+            recs.extend(scan_records(path, name, label, cls, mask, scan))
     return recs
 
 
-def list_images(folder):
-    """Records of the image files under folder (recursive), and (path, reason) of every other file in it:
-    formats not read here are said, not dropped silently. Hidden files are passed over."""
+def list_images(folder, scan=None):
+    """Records of the image and scan files under folder (recursive; a record per frame or slice of a scan), and
+    (path, reason) of every other file in it: formats not read here are said, not dropped silently, and so are
+    scans whose header cannot be read. Hidden files are passed over."""
     folder = os.fspath(folder)
     recs, other = [], []
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -156,17 +187,21 @@ def list_images(folder):
             path = os.path.join(dirpath, fn)
             if fn.startswith("."):
                 continue
-            if not fn.lower().endswith(IMAGE_EXTS):
-                ext = os.path.splitext(fn)[1] or "(no extension)"
-                other.append((path, f"{path}: {ext} is not a format read here ({', '.join(IMAGE_EXTS)})"))
-                continue
             name = os.path.relpath(path, folder).replace(os.sep, "/")
-            recs.append(_record(name, -1, "unknown", path))
+            if not fn.lower().endswith(IMAGE_EXTS) and not scans.is_scan(path):
+                ext = os.path.splitext(fn)[1] or "(no extension)"
+                other.append((path, f"{path}: {ext} is not a format read here ({', '.join(IMAGE_EXTS)}, "
+                                    f"DICOM, NIfTI)"))
+                continue
+            try:
+                recs.extend(scan_records(path, name, -1, "unknown", scan=scan))
+            except DataError as e:
+                other.append((path, str(e)))
     if not recs:
         found = f"; {len(other)} file(s) of other formats, e.g. {other[0][0]}" if other else ""
         raise DataError(f"{folder}: no images here (missing or empty folder; looked for {', '.join(IMAGE_EXTS)})"
                         f"{found}")
-    return sorted(recs, key=lambda r: r["name"]), other
+    return in_order(recs), other
 
 
 def sample_shots(records, k, seed):
@@ -291,6 +326,12 @@ def read_image(rec):
     if rec.get("image") is not None:
         src = rec["name"]
         img = _array_to_rgb(rec["image"], src)
+    elif rec.get("index") is not None:                 # a DICOM frame or a NIfTI slice
+        src, scan = rec["path"], rec["scan"]
+        try:
+            img = _array_to_rgb(scans.read_scan(src, rec["index"], scan["axis"], scan["window"]), src)
+        except scans.ScanError as e:
+            raise DataError(str(e)) from None
     else:
         src = rec.get("path")
         im = _open(src, "image")
@@ -309,6 +350,12 @@ def read_mask(rec, hw):
     if rec.get("mask") is not None:
         src, m = rec["name"], np.asarray(rec["mask"])
         m = m > 127 if m.dtype == np.uint8 else m > 0.5
+    elif rec.get("mask_path") and scans.is_nifti(rec["mask_path"]):
+        src = rec["mask_path"]
+        try:
+            m = scans.read_nifti_mask(src, rec["index"] or 0, (rec["scan"] or SCAN_DEFAULTS)["axis"], rec["path"])
+        except scans.ScanError as e:
+            raise DataError(str(e)) from None
     elif rec.get("mask_path"):
         src = rec["mask_path"]
         # JPEG masks carry grey ringing around the edge: threshold at mid-grey

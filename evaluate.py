@@ -41,10 +41,11 @@ import calibration
 import data
 import encode
 import mediclip
+import scans
 import metrics
 from weights import sha256
 from train import FORMAT_VERSION, bf16_autocast, check_writable, code_version, pick_device, resolve_layers, \
-    write_json
+    scan_options, write_json
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, unsafe, of another format or for another model."""
@@ -56,7 +57,13 @@ def parse_args(argv=None):
     # data
     p.add_argument("--data", default=None, help="dataset to test on (default: the checkpoint's own)")
     p.add_argument("--data-root", default=None, help="folder that holds the datasets (default: the checkpoint's)")
-    p.add_argument("--images", default=None, help="a folder of own images to score, without labels")
+    p.add_argument("--images", default=None, help="a folder of own images to score, without labels (PNG, JPEG, "
+                   "TIFF, BMP, DICOM, NIfTI)")
+    p.add_argument("--window", type=float, nargs=2, default=None, metavar=("C", "W"), help="DICOM/NIfTI intensity "
+                   "window (centre, width) (default: the checkpoint's; else the file's own, else its percentiles)")
+    p.add_argument("--slice-axis", default=None, choices=["axial", "coronal", "sagittal"],
+                   help="NIfTI volumes: the axis they are sliced along (default: the checkpoint's, else axial)")
+    p.add_argument("--skip-empty-slices", action="store_true", help="NIfTI volumes: only slices with anatomy in them")
     # model
     p.add_argument("--ckpt", nargs="+", default=None, help="checkpoint(s) written by train.py; several (one per "
                    "support-set seed, same backbone) are reported one by one and as an ensemble")
@@ -78,6 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="results folder (default: beside the (first) checkpoint)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward")
     p.add_argument("--overlays", type=int, default=8, help="number of overlay PNGs to write")
+    p.add_argument("--save-maps", action="store_true", help="export every anomaly map in its input's geometry: "
+                   "maps/<name>.npz, or maps/<file>.nii.gz for a NIfTI volume")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     return p.parse_args(argv)
@@ -248,6 +257,45 @@ def colourise(a):
     return np.stack([np.interp(x, np.arange(len(ramp)), ramp[:, c]) for c in range(3)], -1).astype(np.uint8)
 
 
+def safe_name(name):
+    """A file name for a record's outputs: folders flattened, the image extension dropped, a slice kept
+    (test/a.png -> test_a; vol.nii.gz#z=3 -> vol_z3)."""
+    base, _, part = name.partition("#")
+    for ext in (".nii.gz",) + data.IMAGE_EXTS + scans.NIFTI_EXTS + scans.DICOM_EXTS:
+        if base.lower().endswith(ext):
+            base = base[:-len(ext)]
+            break
+    return (base + (f"_{part.replace('=', '')}" if part else "")).replace("/", "_").replace("\\", "_")
+
+
+def save_maps(out, records, amaps, scores, probs):
+    """--save-maps, as anomalib exports predictions: per input maps/<name>.npz with anomaly_map in the input's
+    own pixel size, pred_score, gt_label (and gt_mask where there is one); the slices of a NIfTI volume go
+    together into maps/<file>.nii.gz on the volume's own grid and affine, to overlay in ITK-SNAP or 3D Slicer."""
+    folder = os.path.join(out, "maps")
+    os.makedirs(folder, exist_ok=True)
+    volumes = {}
+    for i, r in enumerate(records):
+        if r.get("index") is not None and scans.is_nifti(r["path"]):
+            volumes.setdefault(r["path"], []).append(i)
+            continue
+        h, w = data.read_image(r).shape[:2]
+        amap = resize(amaps[i], (h, w))
+        extra = dict(gt_mask=data.read_mask(r, (h, w))) if r.get("mask_path") or r.get("mask") is not None else {}
+        np.savez_compressed(os.path.join(folder, safe_name(r["name"]) + ".npz"), anomaly_map=amap,
+                            pred_score=probs[i] if probs is not None else scores[i], gt_label=r["label"], **extra)
+    for path, idx in volumes.items():
+        scans.write_map_volume(path, [(records[i]["index"], amaps[i]) for i in idx], records[idx[0]]["scan"]["axis"],
+                               os.path.join(folder, safe_name(os.path.basename(path)) + ".nii.gz"))
+    print(f"wrote {len(records)} anomaly map(s) into {folder}")
+
+
+def resize(amap, hw):
+    """A float16 (S, S) map bilinearly to (H, W) float32."""
+    t = torch.from_numpy(amap.astype(np.float32))[None, None]
+    return torch.nn.functional.interpolate(t, size=hw, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
 def write_overlay(path, image, amap, mask):
     """image | anomaly map (min-max over the image) | mask, side by side; mask None: a grey panel saying so."""
     from PIL import ImageDraw
@@ -266,11 +314,13 @@ def write_overlay(path, image, amap, mask):
 
 def write_scores(path, records, member_scores, probs, thresholds, fit):
     """One row per image: the (mean) score, its spread over checkpoints, the calibrated probability, the call at
-    each operating point, each checkpoint's score, and whether the image was used to fit the calibration."""
+    each operating point, each checkpoint's score, and whether the image was used to fit the calibration; then
+    anomalib's per-image fields: pred_score (the probability, else the score), pred_label (p >= 0.5), gt_label."""
     M = len(member_scores)
     head = ["name", "label", "class", "score"] + (["score_std"] if M > 1 else []) + \
            (["probability"] if probs is not None else []) + [f"anomalous@{k}" for k in thresholds] + \
-           ([f"score_{j}" for j in range(M)] if M > 1 else []) + (["calibration_fit"] if fit.any() else [])
+           ([f"score_{j}" for j in range(M)] if M > 1 else []) + (["calibration_fit"] if fit.any() else []) + \
+           ["pred_score", "pred_label", "gt_label"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(head)
@@ -280,7 +330,9 @@ def write_scores(path, records, member_scores, probs, thresholds, fit):
                        + ([f"{s.std(ddof=1):.6f}"] if M > 1 else [])
                        + ([f"{probs[i]:.6f}"] if probs is not None else [])
                        + [int(probs[i] >= t) for t in thresholds.values()]
-                       + ([f"{x:.6f}" for x in s] if M > 1 else []) + ([int(fit[i])] if fit.any() else []))
+                       + ([f"{x:.6f}" for x in s] if M > 1 else []) + ([int(fit[i])] if fit.any() else [])
+                       + [f"{probs[i] if probs is not None else s.mean():.6f}",
+                          int(probs[i] >= 0.5) if probs is not None else "", r["label"] if r["label"] >= 0 else ""])
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -301,10 +353,10 @@ def print_summary(m):
     print("\n".join(lines))
 
 
-def own_images(folder):
+def own_images(folder, scan=None):
     """The images under `folder` that can be read, and every file left out with its one-line reason. An own
     folder is scored as far as it can be; a labelled split instead fails on its first bad file."""
-    records, skipped = data.list_images(folder)                       # skipped: files of formats not read here
+    records, skipped = data.list_images(folder, scan)                 # skipped: files of formats not read here
     readable = []
     for r in records:
         try:
@@ -331,9 +383,12 @@ def main(args):
     paths = [] if args.zero_shot else args.ckpt
     out = args.out or (os.path.dirname(os.path.abspath(paths[0])) if paths else "results")
     check_writable(out, "--out")                       # before the compute, not after it
+    cfg0 = load_checkpoint(paths[0])["config"] if paths else {}
+    args.window = args.window or cfg0.get("window")
+    args.slice_axis = args.slice_axis or cfg0.get("slice_axis") or "axial"
     skipped = []
     if args.images:                                    # listed and read before the model loads: fails in a second
-        records, skipped = own_images(args.images)
+        records, skipped = own_images(args.images, scan_options(args))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -343,7 +398,8 @@ def main(args):
         name = os.path.abspath(args.images)
     else:
         name = args.data or cfg.get("data") or "brainmri"
-        records = data.load_split(name, args.data_root or cfg.get("data_root") or "data", "test")
+        records = data.load_split(name, args.data_root or cfg.get("data_root") or "data", "test",
+                                  scan=scan_options(args))
     maps, member_scores, masks = predict(records, clip, dets, layers, args, device)   # (M, N, S, S), (M, N)
     if skipped:
         os.makedirs(out, exist_ok=True)
@@ -391,12 +447,14 @@ def write_report(out, name, records, maps, member_scores, masks, ckpts, paths, b
     has_masks = any(r.get("mask_path") or r.get("mask") is not None for r in records)
     for rank, i in enumerate(picks):
         image, _ = data.load_images([records[i]], mean_map.shape[-1])
-        safe = os.path.splitext(records[i]["name"])[0].replace("/", "_").replace("\\", "_")
+        safe = safe_name(records[i]["name"])
         known = records[i].get("mask_path") or records[i].get("mask") is not None or \
             (has_masks and records[i]["label"] == 0)    # a normal image of a dataset with masks: truly empty
         write_overlay(os.path.join(out, f"overlay_{rank:02d}_{safe}.png"), image[0], mean_map[i].astype(np.float32),
                       masks[i] if known else None)
     print(f"wrote {out}/scores.csv and {len(picks)} overlays")
+    if args.save_maps:
+        save_maps(out, records, mean_map, score, probs)
     if args.images:
         if backbone["random_init"]:
             print("WARNING: random backbone weights: these scores say nothing about the method")
@@ -430,6 +488,7 @@ def write_report(out, name, records, maps, member_scores, masks, ckpts, paths, b
             op = calibration.operating_point(p, y, cls, t)
             op.update(set_on=cal["fitted_on"], sensitivity_on_fit_data=float((fit_probs[fit_labels == 1] >= t).mean()))
             report["operating_points"][key] = op
+    report["anomalib"] = metrics.anomalib_metrics(report, report["operating_points"].get("p>=0.5"))
     # the ROC is of the (mean) score; an ensemble's operating points are on the mean calibrated probability, so
     # they may sit just off its curve
     metrics.plot_roc(os.path.join(out, "roc.png"), score[keep], y, cls, report, report["operating_points"])

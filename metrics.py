@@ -97,6 +97,21 @@ def bootstrap_pixel_auroc(hist, resamples, chunk=50):
     return np.concatenate(out)
 
 
+# anomalib's names for the same numbers (its metrics.json and logger keys); this is the one place that decides them
+ANOMALIB_NAMES = {("image", "auroc"): "image_AUROC", ("image", "ap"): "image_AUPR", ("pixel", "auroc"): "pixel_AUROC",
+                  ("pixel", "ap"): "pixel_AUPR", ("pixel", "aupro"): "pixel_AUPRO"}
+
+
+def anomalib_metrics(report, operating_point=None):
+    """Our report's numbers under anomalib's names; image_F1Score at the given operating point's threshold."""
+    out = {name: report[level][key] for (level, key), name in ANOMALIB_NAMES.items()
+           if report.get(level) and key in report[level]}
+    if operating_point:
+        c = operating_point["confusion"]
+        out["image_F1Score"] = 2 * c["tp"] / max(2 * c["tp"] + c["fp"] + c["fn"], 1)
+    return out
+
+
 def ci95(values):
     lo, hi = np.nanpercentile(values, [2.5, 97.5])
     return [float(lo), float(hi)]

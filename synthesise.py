@@ -164,7 +164,9 @@ def write_figure(path, x0, x_l, x_c, mask_img, tile):
 def load_views(ckpt, data_root):
     """The checkpoint's shots and their augmented views, as train.py made them."""
     cfg = ckpt["config"]
-    pool = {r["name"]: r for r in data.load_split(cfg["data"], data_root or cfg["data_root"], "train", seed=cfg["seed"])}
+    scan = dict(axis=cfg.get("slice_axis", "axial"), window=tuple(cfg["window"]) if cfg.get("window") else None)
+    pool = {r["name"]: r for r in data.load_split(cfg["data"], data_root or cfg["data_root"], "train",
+                                                  seed=cfg["seed"], scan=scan)}
     missing = [s for s in ckpt["shots"] if s not in pool]
     if missing:
         raise data.DataError(f"{cfg['data']}: the checkpoint's shots {missing} are not in its train split")

@@ -58,6 +58,11 @@ def parse_args(argv=None):
     p.add_argument("--shots", type=int, default=1, help="k: number of normal training images")
     p.add_argument("--seed", type=int, default=0, help="picks the shots and seeds everything else")
     p.add_argument("--views", type=int, default=16, help="augmented views per shot, encoded once")
+    p.add_argument("--window", type=float, nargs=2, default=None, metavar=("C", "W"), help="DICOM/NIfTI: intensity "
+                   "window (centre, width) on the rescaled values, e.g. 40 400 for brain CT (default: the file's own, "
+                   "else its 0.5-99.5 percentiles)")
+    p.add_argument("--slice-axis", default="axial", choices=["axial", "coronal", "sagittal"],
+                   help="NIfTI volumes: the axis they are sliced along")
     # model
     p.add_argument("--clip", default="ViT-L-14", help="open_clip model name (MediCLIP: ViT-L-14 at 224 px)")
     p.add_argument("--pretrained", default="openai", help="open_clip pretrained tag")
@@ -129,6 +134,12 @@ def check_writable(path, flag):
         tempfile.TemporaryFile(dir=up).close()
     except OSError as e:
         raise ValueError(f"{flag} {path}: cannot write in {up} ({e.strerror or type(e).__name__})") from None
+
+
+def scan_options(args):
+    """How DICOM and NIfTI files are read (data.scan_records): slice axis, window, and whether to skip empty slices."""
+    return dict(axis=args.slice_axis, window=tuple(args.window) if args.window else None,
+                skip_empty=getattr(args, "skip_empty_slices", False))
 
 
 def pick_device(name):
@@ -298,7 +309,7 @@ def main(args):
 
     # ---- data: k normal shots, V augmented views each (the test split is never read)
     args.data_root = os.path.abspath(args.data_root)  # stored in the checkpoint: evaluate.py may run elsewhere
-    pool = data.load_split(args.data, args.data_root, "train", seed=args.seed)
+    pool = data.load_split(args.data, args.data_root, "train", seed=args.seed, scan=scan_options(args))
     shots = data.sample_shots(pool, args.shots, args.seed)
 
     # ---- frozen encoders, run once over all views (or read from --cache), then freed

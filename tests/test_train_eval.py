@@ -55,6 +55,10 @@ def test_evaluate_rebuilds_from_the_checkpoint(run, tmp_path):
     assert {"metrics.json", "scores.csv", "roc.png", "reliability.png"} <= set(files)
     assert sum(f.startswith("overlay_") for f in files) == 2
     assert len(open(tmp_path / "scores.csv").read().splitlines()) == 1 + 24
+    # the same numbers under anomalib's names
+    a = m["anomalib"]
+    assert a["image_AUROC"] == m["image"]["auroc"] and a["pixel_AUPRO"] == m["pixel"]["aupro"]
+    assert 0 <= a["image_F1Score"] <= 1 and a["image_AUPR"] == m["image"]["ap"]
 
 
 def test_zero_shot_and_own_images(tmp_path):
