@@ -144,7 +144,8 @@ def bench_backbone(name, args, tmp):
     # 5. peak memory, each in its own process
     row["train_peak_gib"], _ = peak_rss_gib("train.py", ["--data", "synthetic", "--shots", "1", "--random-init",
                                                          "--clip", name, "--steps", str(args.steps),
-                                                         "--views", str(args.views), "--out", os.path.join(tmp, "m")])
+                                                         "--eta-warmup", "0", "--views", str(args.views),
+                                                         "--out", os.path.join(tmp, "m")])
     row["eval_peak_gib"], _ = peak_rss_gib("evaluate.py", ["--ckpt", os.path.join(tmp, "m", "run.pt"),
                                                            "--overlays", "0"])
     return row

@@ -28,7 +28,6 @@ writes (into --out, default beside the checkpoint)
                     where the label says it is
 """
 import argparse
-import json
 import os
 import sys
 
@@ -144,7 +143,7 @@ def outline(image, mask):
 
 def write_figure(path, x0, x_l, x_c, mask_img, tile):
     """Rows of normal | learned | control | mask outline | |learned - normal| | |control - normal|."""
-    from evaluate import colourise
+    from exports import colourise
     rows = []
     for i in range(len(x0)):
         dl, dc = (x_l[i] - x0[i]).abs().mean(0), (x_c[i] - x0[i]).abs().mean(0)                 # (H, W)

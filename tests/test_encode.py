@@ -4,7 +4,6 @@ import socket
 import time
 import warnings
 
-import open_clip
 import pytest
 import torch
 import yaml

@@ -1,0 +1,103 @@
+"""
+The files evaluate.py writes besides metrics.json, for people and for other tools: scores.csv (one row per
+image, with anomalib's per-image fields), the overlays (image | anomaly map | mask), and the anomaly-map export
+of --save-maps (one .npz per image, or one NIfTI volume per NIfTI input, on its own grid).
+
+    import exports
+    exports.write_scores("scores.csv", records, member_scores, probs, thresholds, fit)
+    exports.save_maps("out", records, maps, scores, probs)
+"""
+import csv
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+import scans
+
+
+def colourise(a):
+    """(H, W) in [0, 1] -> (H, W, 3) uint8 on a black-red-yellow-white ramp."""
+    ramp = np.array([[0, 0, 0], [128, 0, 0], [255, 64, 0], [255, 200, 0], [255, 255, 255]], np.float32)
+    x = np.clip(a, 0, 1) * (len(ramp) - 1)
+    return np.stack([np.interp(x, np.arange(len(ramp)), ramp[:, c]) for c in range(3)], -1).astype(np.uint8)
+
+
+def safe_name(name):
+    """A file name for a record's outputs: folders flattened, the image extension dropped, a slice kept
+    (test/a.png -> test_a; vol.nii.gz#z=3 -> vol_z3)."""
+    base, _, part = name.partition("#")
+    for ext in (".nii.gz",) + data.IMAGE_EXTS + scans.NIFTI_EXTS + scans.DICOM_EXTS:
+        if base.lower().endswith(ext):
+            base = base[:-len(ext)]
+            break
+    return (base + (f"_{part.replace('=', '')}" if part else "")).replace("/", "_").replace("\\", "_")
+
+
+def save_maps(out, records, amaps, scores, probs):
+    """--save-maps, as anomalib exports predictions: per input maps/<name>.npz with anomaly_map in the input's
+    own pixel size, pred_score, gt_label (and gt_mask where there is one); the slices of a NIfTI volume go
+    together into maps/<file>.nii.gz on the volume's own grid and affine, to overlay in ITK-SNAP or 3D Slicer."""
+    folder = os.path.join(out, "maps")
+    os.makedirs(folder, exist_ok=True)
+    volumes = {}
+    for i, r in enumerate(records):
+        if r.get("index") is not None and scans.is_nifti(r["path"]):
+            volumes.setdefault(r["path"], []).append(i)
+            continue
+        h, w = data.read_image(r).shape[:2]
+        amap = resize(amaps[i], (h, w))
+        extra = dict(gt_mask=data.read_mask(r, (h, w))) if r.get("mask_path") or r.get("mask") is not None else {}
+        np.savez_compressed(os.path.join(folder, safe_name(r["name"]) + ".npz"), anomaly_map=amap,
+                            pred_score=probs[i] if probs is not None else scores[i], gt_label=r["label"], **extra)
+    for path, idx in volumes.items():
+        scans.write_map_volume(path, [(records[i]["index"], amaps[i]) for i in idx], records[idx[0]]["scan"]["axis"],
+                               os.path.join(folder, safe_name(os.path.basename(path)) + ".nii.gz"))
+    print(f"wrote {len(records)} anomaly map(s) into {folder}")
+
+
+def resize(amap, hw):
+    """A float16 (S, S) map bilinearly to (H, W) float32."""
+    t = torch.from_numpy(amap.astype(np.float32))[None, None]
+    return torch.nn.functional.interpolate(t, size=hw, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def write_overlay(path, image, amap, mask):
+    """image | anomaly map (min-max over the image) | mask, side by side; mask None: a grey panel saying so."""
+    from PIL import ImageDraw
+    img = (image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    a = (amap - amap.min()) / max(float(amap.max() - amap.min()), 1e-8)
+    heat = (0.5 * img + 0.5 * colourise(a)).astype(np.uint8)
+    if mask is None:  # not "ground truth: nothing", which an all-black panel would say
+        panel = Image.new("RGB", img.shape[1::-1], (96, 96, 96))
+        ImageDraw.Draw(panel).text((img.shape[1] // 2, img.shape[0] // 2), "no mask", fill=(255, 255, 255),
+                                   anchor="mm")
+        m = np.asarray(panel)
+    else:
+        m = np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=-1)
+    Image.fromarray(np.concatenate([img, heat, m], axis=1)).save(path)
+
+
+def write_scores(path, records, member_scores, probs, thresholds, fit):
+    """One row per image: the (mean) score, its spread over checkpoints, the calibrated probability, the call at
+    each operating point, each checkpoint's score, and whether the image was used to fit the calibration; then
+    anomalib's per-image fields: pred_score (the probability, else the score), pred_label (p >= 0.5), gt_label."""
+    M = len(member_scores)
+    head = ["name", "label", "class", "score"] + (["score_std"] if M > 1 else []) + \
+           (["probability"] if probs is not None else []) + [f"anomalous@{k}" for k in thresholds] + \
+           ([f"score_{j}" for j in range(M)] if M > 1 else []) + (["calibration_fit"] if fit.any() else []) + \
+           ["pred_score", "pred_label", "gt_label"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(head)
+        for i, r in enumerate(records):
+            s = member_scores[:, i]
+            w.writerow([r["name"], r["label"], r["cls"], f"{s.mean():.6f}"]
+                       + ([f"{s.std(ddof=1):.6f}"] if M > 1 else [])
+                       + ([f"{probs[i]:.6f}"] if probs is not None else [])
+                       + [int(probs[i] >= t) for t in thresholds.values()]
+                       + ([f"{x:.6f}" for x in s] if M > 1 else []) + ([int(fit[i])] if fit.any() else [])
+                       + [f"{probs[i] if probs is not None else s.mean():.6f}",
+                          int(probs[i] >= 0.5) if probs is not None else "", r["label"] if r["label"] >= 0 else ""])
