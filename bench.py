@@ -28,6 +28,7 @@ import torch
 import data
 import encode
 import evaluate
+import runfiles
 import mediclip
 import train
 import pixel_tasks
@@ -111,7 +112,7 @@ def bench_backbone(name, args, tmp):
 
     # 1. cache build
     vae = encode.load_medvae("medvae_4_1_2d", random_init=True)
-    row["medvae_s_per_image"] = timed(lambda: encode.encode_latents(vae, images)) / len(images)
+    row["medvae_s_per_image"] = timed(lambda vae=vae: encode.encode_latents(vae, images)) / len(images)
     row["clip_s_per_image"] = timed(lambda: encode.encode_tokens(tokens_model, images, clip)) / len(images)
     del vae
     batch = images[:args.batch_size].repeat(-(-args.batch_size // len(images)), 1, 1, 1)[:args.batch_size]
@@ -160,7 +161,7 @@ def main(args):
             rows.append(bench_backbone(name, args, tmp))
     out = dict(machine=dict(threads=torch.get_num_threads(), cpus=os.cpu_count(), torch=torch.__version__,
                             cuda=torch.cuda.is_available()), args=vars(args), rows=rows)
-    evaluate.write_json(out, args.out)
+    runfiles.write_json(out, args.out)
     keys = [k for k in rows[0] if k != "clip"]
     print(f"{'':28s}" + "".join(f"{r['clip']:>14s}" for r in rows))
     for k in keys:

@@ -345,6 +345,11 @@ def read_image(rec):
     return img
 
 
+def has_mask(rec):
+    """Whether the record has a ground-truth mask (a file, or the synthetic set's array)."""
+    return bool(rec.get("mask_path")) or rec.get("mask") is not None
+
+
 def read_mask(rec, hw):
     hw = tuple(int(s) for s in hw)
     if rec.get("mask") is not None:

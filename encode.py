@@ -78,6 +78,12 @@ def clip_names():
             and "hf_model_name" not in cfg.get("text_cfg", {}) and "multimodal_cfg" not in cfg]
 
 
+def check_clip_name(name):
+    if name not in clip_names():
+        raise ValueError(f"unknown or unsupported CLIP model {name!r} (a ViT with open_clip's own text tower is "
+                         f"needed); valid: {', '.join(clip_names())}")
+
+
 def clip_activation(model):
     """'quickgelu' or 'gelu': the MLP activation the model was built with (every OpenAI CLIP needs QuickGELU)."""
     from open_clip.transformer import QuickGELU
@@ -113,9 +119,7 @@ def clip_from_file(name, path, quickgelu=None):
 def load_clip(name="ViT-L-14", pretrained="openai", weights=None, random_init=False):
     """A frozen open_clip model: from a local weights file (it wins over --random-init), random weights (only
     when asked), or the pretrained tag's file (clip_weights_file)."""
-    if name not in clip_names():
-        raise ValueError(f"unknown or unsupported CLIP model {name!r} (a ViT with open_clip's own text tower is "
-                         f"needed); valid: {', '.join(clip_names())}")
+    check_clip_name(name)
     if weights:
         return freeze(clip_from_file(name, weights))
     if random_init:  # the architecture the tag would load: OpenAI's tags mean QuickGELU
@@ -392,8 +396,7 @@ def main(argv=None):
     p.add_argument("--pretrained", default="openai", help="open_clip pretrained tag, as train.py --pretrained")
     p.add_argument("--vae", default="medvae_4_1_2d", help="MedVAE model or taef2, as train.py --vae")
     args = p.parse_args(argv)
-    if args.clip not in clip_names():
-        raise ValueError(f"unknown or unsupported CLIP model {args.clip!r}; valid: {', '.join(clip_names())}")
+    check_clip_name(args.clip)
     paths = [W.clip_weights_file(args.clip, args.pretrained)[0]] + W.vae_files(args.vae)
     for path in paths:
         print(f"{W.sha256(path)}  {os.path.getsize(path) / 2**20:9.1f} MiB  {path}")

@@ -28,7 +28,6 @@ metrics.py (AUROC, AP, AUPRO, bootstrap CIs, ROC figure) and calibration.py (Pla
 import argparse
 import csv
 import os
-import pickle
 import sys
 
 import numpy as np
@@ -41,12 +40,11 @@ import encode
 import exports
 import mediclip
 import metrics
+from runfiles import CheckpointError, check_writable, code_version, load_checkpoint, write_json
+from train import bf16_autocast, pick_device, resolve_layers, scan_options
 from weights import sha256
-from train import FORMAT_VERSION, bf16_autocast, check_writable, code_version, pick_device, resolve_layers, \
-    scan_options, write_json
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, unsafe, of another format or for another model."""
+RANDOM_WEIGHTS = "random backbone weights: these numbers say nothing about the method"
 
 
 def parse_args(argv=None):
@@ -91,26 +89,6 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------- model
-def load_checkpoint(path):
-    """A checkpoint dict, loaded with weights_only=True: pickled objects are refused, never executed."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused, it holds pickled objects that weights_only loading does not "
-                              f"allow ({str(e).splitlines()[-1][:120]})")
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or not a torch file "
-                              f"({type(e).__name__})")
-    if not isinstance(ckpt, dict) or "format_version" not in ckpt or "state_dicts" not in ckpt:
-        raise CheckpointError(f"{path}: not a checkpoint written by train.py")
-    if ckpt["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {ckpt['format_version']} is newer than this code's "
-                              f"{FORMAT_VERSION}; update the code")
-    return ckpt
-
-
 def check_request(ckpts, paths, args):
     """Refuse a backbone or layer set other than the checkpoints', and an ensemble of different backbones,
     rather than silently evaluate nonsense."""
@@ -270,7 +248,7 @@ def own_images(folder, scan=None):
     folder is scored as far as it can be; a labelled split instead fails on its first bad file."""
     records, skipped = data.list_images(folder, scan)                 # skipped: files of formats not read here
     readable = []
-    for r in records:
+    for r in records:                      # decoded once ahead: a small cost next to the CLIP forward of each
         try:
             data.read_image(r)
             readable.append(r)
@@ -295,7 +273,7 @@ def main(args):
     paths = [] if args.zero_shot else args.ckpt
     out = args.out or (os.path.dirname(os.path.abspath(paths[0])) if paths else "results")
     check_writable(out, "--out")                       # before the compute, not after it
-    cfg0 = load_checkpoint(paths[0])["config"] if paths else {}
+    cfg0 = load_checkpoint(paths[0])["config"] if paths else {}   # its scan options are needed before the model
     args.window = args.window or cfg0.get("window")
     args.slice_axis = args.slice_axis or cfg0.get("slice_axis") or "axial"
     skipped = []
@@ -326,7 +304,7 @@ def report_warnings(report, ckpts, name):
     is inverted or degenerate, or fitted on another dataset than the one tested."""
     c, cal, out = report["conditions"], report["calibration"], []
     if c["random_init"]:
-        out.append("random backbone weights: these numbers say nothing about the method")
+        out.append(RANDOM_WEIGHTS)
     if ckpts and 0 in c["detector_steps"]:
         out.append("a checkpoint's detector never trained (0 detection steps: --steps within --eta-warmup); its "
                    "numbers are CLIP's untouched zero-shot head")
@@ -356,20 +334,20 @@ def write_report(out, name, records, maps, member_scores, masks, ckpts, paths, b
     mean_map = maps[0] if len(maps) == 1 else maps.mean(0, dtype=np.float32).astype(np.float16)   # (N, S, S)
     order = np.argsort(-score, kind="stable")
     picks = order[np.linspace(0, len(order) - 1, min(args.overlays, len(order))).round().astype(int)]
-    has_masks = any(r.get("mask_path") or r.get("mask") is not None for r in records)
+    has_masks = any(data.has_mask(r) for r in records)
     for rank, i in enumerate(picks):
         image, _ = data.load_images([records[i]], mean_map.shape[-1])
         safe = exports.safe_name(records[i]["name"])
-        known = records[i].get("mask_path") or records[i].get("mask") is not None or \
-            (has_masks and records[i]["label"] == 0)    # a normal image of a dataset with masks: truly empty
-        exports.write_overlay(os.path.join(out, f"overlay_{rank:02d}_{safe}.png"), image[0], mean_map[i].astype(np.float32),
-                      masks[i] if known else None)
+        # a normal image of a dataset with masks has a truly empty mask; elsewhere there is no mask to show
+        known = data.has_mask(records[i]) or (has_masks and records[i]["label"] == 0)
+        exports.write_overlay(os.path.join(out, f"overlay_{rank:02d}_{safe}.png"), image[0],
+                              mean_map[i].astype(np.float32), masks[i] if known else None)
     print(f"wrote {out}/scores.csv and {len(picks)} overlays")
     if args.save_maps:
         exports.save_maps(out, records, mean_map, score, probs)
     if args.images:
         if backbone["random_init"]:
-            print("WARNING: random backbone weights: these scores say nothing about the method")
+            print(f"WARNING: {RANDOM_WEIGHTS}")
         return None
 
     # every number below is on the reported images: the test set less any --calib-split fit images
@@ -408,7 +386,7 @@ def write_report(out, name, records, maps, member_scores, masks, ckpts, paths, b
                                  image_score="max" if args.topk <= 0 else f"top{args.topk}", code_version=code_version())
     report["warnings"] = report_warnings(report, ckpts, name)
     if backbone["random_init"]:
-        report["warning"] = "random backbone weights: these numbers say nothing about the method"
+        report["warning"] = RANDOM_WEIGHTS          # kept for readers of older reports; also first in warnings
     write_json(report, os.path.join(out, "metrics.json"))
     print_summary(report)
     print(f"wrote {os.path.join(out, 'metrics.json')}, roc.png" + (", reliability.png" if probs is not None else ""))

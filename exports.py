@@ -49,7 +49,7 @@ def save_maps(out, records, amaps, scores, probs):
             continue
         h, w = data.read_image(r).shape[:2]
         amap = resize(amaps[i], (h, w))
-        extra = dict(gt_mask=data.read_mask(r, (h, w))) if r.get("mask_path") or r.get("mask") is not None else {}
+        extra = dict(gt_mask=data.read_mask(r, (h, w))) if data.has_mask(r) else {}
         np.savez_compressed(os.path.join(folder, safe_name(r["name"]) + ".npz"), anomaly_map=amap,
                             pred_score=probs[i] if probs is not None else scores[i], gt_label=r["label"], **extra)
     for path, idx in volumes.items():

@@ -14,6 +14,8 @@ scores mean (that is calibration.py).
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+import data
+
 
 def aupro(maps, masks, max_fpr=0.3):
     """Area under the per-region-overlap curve up to max_fpr, normalised to [0, 1] (Bergmann et al. 2021),
@@ -122,7 +124,7 @@ def compute_metrics(records, maps, scores, masks, n_boot=0, seed=0):
     with n_boot > 0 the percentile bootstrap 95% CI of each AUROC (the same image resamples for both)."""
     labels = np.array([r["label"] for r in records])
     classes = np.array([r["cls"] for r in records])
-    has_masks = all(r["mask_path"] is not None or r["mask"] is not None for r in records if r["label"] == 1)
+    has_masks = all(data.has_mask(r) for r in records if r["label"] == 1)
     hist = pixel_histograms(maps, masks) if has_masks and n_boot else None
 
     def report(keep):

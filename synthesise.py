@@ -40,7 +40,8 @@ import data
 import deviation
 import encode
 import project
-from train import check_writable, pick_device, write_json
+from runfiles import check_writable, load_checkpoint, write_json
+from train import pick_device
 
 
 def parse_args(argv=None):
@@ -177,7 +178,6 @@ def load_views(ckpt, data_root):
 def main(args):
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
-    from evaluate import load_checkpoint
     ckpt = load_checkpoint(args.ckpt)
     cfg, device = ckpt["config"], pick_device(args.device)
     out = args.out or os.path.dirname(os.path.abspath(args.ckpt))

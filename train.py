@@ -23,14 +23,10 @@ import argparse
 import contextlib
 import csv
 import hashlib
-import json
 import math
 import os
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +36,10 @@ import data
 import deviation
 import encode
 import mediclip
-import project
 import pixel_tasks
+import project
+import runfiles
 
-FORMAT_VERSION = 1
 SYNTH_MODES = ("deviation", "latent-noise", "mediclip", "pixel-noise", "mix")
 CAL_TOP = 256  # anomaly-map values kept per calibration image: any image score up to evaluate.py --topk 256
 
@@ -120,20 +116,7 @@ def check_args(args):
         raise ValueError(f"--steps {args.steps} <= --eta-warmup {args.eta_warmup}: with --synth {args.synth} the "
                          f"detector would never train (anomalies exist only after eta_theta's warm-up); pass more "
                          f"--steps or a smaller --eta-warmup (e.g. --eta-warmup {args.steps // 5})")
-    check_writable(args.out or "runs", "--out")
-
-
-def check_writable(path, flag):
-    """The folder `path` can be made and written: the nearest existing ancestor is a folder that takes a file."""
-    up = os.path.abspath(path)
-    while not os.path.exists(up):
-        up = os.path.dirname(up)
-    if not os.path.isdir(up):
-        raise ValueError(f"{flag} {path}: {up} is a file, not a folder")
-    try:
-        tempfile.TemporaryFile(dir=up).close()
-    except OSError as e:
-        raise ValueError(f"{flag} {path}: cannot write in {up} ({e.strerror or type(e).__name__})") from None
+    runfiles.check_writable(args.out or "runs", "--out")
 
 
 def scan_options(args):
@@ -183,7 +166,7 @@ def encode_views(views, clip, tokens_model, layers, device, autocast, args):
     z = encode.encode_latents(vae, views.to(device), autocast=autocast).clone()          # (k V, c, h, w)
     if cache:
         os.makedirs(args.cache, exist_ok=True)
-        save_checkpoint(dict(real=[t.cpu() for t in real], z=z.cpu()), cache)
+        runfiles.save_checkpoint(dict(real=[t.cpu() for t in real], z=z.cpu()), cache)
     return real, z, False
 
 
@@ -258,35 +241,6 @@ def read_cache(path):
         return None
 
 
-def code_version():
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "-C", here, "describe", "--always", "--dirty"], capture_output=True,
-                              text=True, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def save_checkpoint(ckpt, path):
-    """torch.save to a temporary file, then rename: a run killed while saving never leaves a corrupt file.
-    (torch names the archive inside after the final file's name, not the temporary one: same inputs, same bytes.)"""
-    tmp = f"{path}.tmp{uuid.uuid4().hex}"  # unique across the hosts of a shared filesystem
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(obj, path):
-    """json.dump to a temporary file, then rename (as save_checkpoint)."""
-    tmp = f"{path}.tmp{uuid.uuid4().hex}"  # unique across the hosts of a shared filesystem
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def check_finite(step, terms):
     for name, value in terms.items():
         if not math.isfinite(value):
@@ -349,7 +303,7 @@ def main(args):
                            lr=args.lr, betas=(0.5, 0.999))
     abar = deviation.cosine_abar().to(device)
     os.makedirs(out, exist_ok=True)  # only now: bad input above leaves nothing behind
-    write_json(config, os.path.join(out, "config.json"))
+    runfiles.write_json(config, os.path.join(out, "config.json"))
 
     # ---- loop
     log = open(os.path.join(out, "log.csv"), "w", newline="")
@@ -441,7 +395,7 @@ def main(args):
 
     # ---- save
     ckpt = {
-        "format_version": FORMAT_VERSION,
+        "format_version": runfiles.FORMAT_VERSION,
         "config": config,
         "shots": [r["name"] for r in shots],
         "seed": args.seed,
@@ -449,13 +403,13 @@ def main(args):
         "state_dicts": {"eta": eta.state_dict(), "projection": proj.state_dict(), "mediclip": det.state_dict()},
         "calibration": calibration,
         "stats": {"first": first, "last": row, "detector_steps": det_steps},
-        "code_version": code_version(),
+        "code_version": runfiles.code_version(),
     }
     # the checkpoint's bytes depend on its inputs only; how long it took goes beside it
-    write_json(dict(encode_s=encode_s, train_s=train_s, calib_s=calib_s, encodings_cached=cached,
+    runfiles.write_json(dict(encode_s=encode_s, train_s=train_s, calib_s=calib_s, encodings_cached=cached,
                     wall_s=time.time() - t0), os.path.join(out, "timings.json"))
     path = os.path.join(out, "run.pt")
-    save_checkpoint(ckpt, path)
+    runfiles.save_checkpoint(ckpt, path)
     print(f"first log row: {first}\nlast log row:  {row}")
     print(f"saved {path} ({time.time() - t0:.0f} s)\nnext: python evaluate.py --ckpt {path}")
     if args.save_synthesis:  # decoded anomalies of this run, beside it (synthesise.py)

@@ -60,6 +60,11 @@ class WeightsUnavailable(RuntimeError):
 # -----------------------------------------------------------------------------
 # the hub: cache first, a fast probe, one-line failures
 
+def one_line(e):
+    """An exception's message on one line, at most 160 characters."""
+    return " ".join(str(e).split())[:160]
+
+
 def hub_endpoint():
     from huggingface_hub import constants
     return constants.ENDPOINT.rstrip("/")
@@ -113,7 +118,7 @@ def explain_download_error(e, url):
         return f"disk full while downloading {url} into {hub_cache()}: free space or set HF_HUB_CACHE to a larger disk"
     if "Consistency check failed" in str(e) or type(e).__name__ in ("RemoteProtocolError", "ReadError"):
         return f"download of {url} was interrupted ({type(e).__name__}); run again, it resumes from the cache"
-    return f"download of {url} failed ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+    return f"download of {url} failed ({type(e).__name__}: {one_line(e)})"
 
 
 def hub_file(repo, filenames, flag):
@@ -255,11 +260,9 @@ def read_state_dict(path, flag="--weights"):
         else:
             obj, info["skipped_objects"] = load_torch_file(path)
             sd, info["format"] = obj.get("state_dict", obj) if isinstance(obj, dict) else obj, "torch"
-    except WeightsUnavailable:
-        raise
     except Exception as e:
         raise WeightsUnavailable(f"{path}: not a readable weights file ({type(e).__name__}: "
-                                 f"{' '.join(str(e).split())[:160]})") from None
+                                 f"{one_line(e)})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsUnavailable(f"{path}: expected a state dict of tensors, found {type(sd).__name__}")
     if sd and all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
@@ -340,7 +343,7 @@ def clip_weights_file(name, pretrained):
         return download_pretrained_from_url(url), quickgelu
     except Exception as e:
         raise WeightsUnavailable(f"CLIP {name} ({pretrained}) from {url}: {type(e).__name__}: "
-                                 f"{' '.join(str(e).split())[:160]}") from None
+                                 f"{one_line(e)}") from None
 
 
 TAEF2_FILES = {  # madebyollin/taesd (MIT) publishes it in its GitHub repository, not on the HF hub: pinned here
@@ -373,7 +376,7 @@ def taef2_files(weights=None):
                 torch.hub.download_url_to_file(TAEF2_URL.format(f), path, hash_prefix=sha, progress=False)
             except Exception as e:
                 raise WeightsUnavailable(f"TAEF2 {f} from {TAEF2_URL.format(f)}: {type(e).__name__}: "
-                                         f"{' '.join(str(e).split())[:160]}") from None
+                                         f"{one_line(e)}") from None
         paths.append(path)
     return paths
 

@@ -31,6 +31,7 @@ import numpy as np
 
 import data
 import evaluate
+import runfiles
 import train
 
 
@@ -179,7 +180,7 @@ def main(args):
                 if seeds:
                     run_block(args, dataset, k, seeds)
     runs, missing = collect(args)     # what every worker has finished so far
-    evaluate.write_json(dict(train_args=args.train_args, runs=runs, missing=missing),
+    runfiles.write_json(dict(train_args=args.train_args, runs=runs, missing=missing),
                         os.path.join(args.out, "runs.json"))
     write_table(runs, args.modes, os.path.join(args.out, "table.md"))
     print(open(os.path.join(args.out, "table.md")).read())
