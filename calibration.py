@@ -13,10 +13,14 @@ Calibration of image scores into probabilities, and the decisions made with them
     calibration.check_fit(scores, labels, ab)             # None, or "inverted ..." / "degenerate ..."
     p = calibration.apply_platt(test_scores, ab)
     calibration.ece(p, test_labels), calibration.operating_point(p, test_labels, classes, 0.5)
+
+The few-shot calibration set itself is made at the end of train.py (calibration_set, below): the top CAL_TOP map
+values of the shots' views and of as many fresh synthetic anomalies, scored by the trained detector.
 """
 import textwrap
 
 import numpy as np
+import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
@@ -116,3 +120,32 @@ def plot_reliability(path, probs, labels, fitted_on, bins=ECE_BINS):
     hx.set(xlabel="calibrated P(anomalous)", ylabel="images", xlim=(0, 1))
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
+
+# -----------------------------------------------------------------------------
+# the few-shot calibration set, made by train.py after its loop
+
+CAL_TOP = 256  # anomaly-map values kept per calibration image: any image score up to evaluate.py --topk 256
+
+
+def calibration_set(det, text, S, real, synthesise, bank, args):
+    """What a few-shot user has, scored by the trained detector: every view of the shots (normal; trained on, so
+    optimistic) and as many fresh synthetic anomalies of the kind it trained on (latent ones from synthesise(slice),
+    pixel ones from the bank). Their top CAL_TOP map values; evaluate.py fits Platt scaling on them."""
+    n, B = len(real[0]), args.batch_size
+    normal = score_tops(det, text, S, n, lambda s: [t[s] for t in real], B)
+    anomalous, n_each = [], n // (int(synthesise is not None) + int(bank is not None))
+    if synthesise is not None:
+        anomalous.append(score_tops(det, text, S, n_each, synthesise, B))
+    if bank is not None:
+        anomalous.append(score_tops(det, text, S, min(n_each, len(bank[1])), lambda s: [b[s] for b in bank[0]], B))
+    return dict(normal=normal, anomalous=torch.cat(anomalous), data=args.data, synth=args.synth)
+
+
+@torch.no_grad()
+def score_tops(det, text, S, n, tokens_of, batch):
+    """The CAL_TOP largest anomaly-map values (descending) of n images, whose tokens tokens_of(slice) gives."""
+    tops = []
+    for i in range(0, n, batch):
+        probs = det(tokens_of(slice(i, min(i + batch, n))), text, S)             # (b, 2, S, S)
+        tops.append(probs[:, 1].flatten(1).topk(CAL_TOP, dim=1).values.float().cpu())
+    return torch.cat(tops)                                                      # (n, CAL_TOP)

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from scipy.ndimage import gaussian_filter, label as cc_label
 
+import phantoms
 import scans
 
 DATASETS = ("brainmri", "busi", "chexpert", "synthetic")
@@ -60,6 +60,8 @@ def scan_records(path, name, label, cls, mask_path=None, scan=None):
     scan = dict(SCAN_DEFAULTS, **(scan or {}))
     try:
         n, letter = scans.count_images(path, scan["axis"])
+        if scans.is_dicom(path) and min(size := scans.dicom_size(path)) < MIN_SIDE:   # one line per file
+            raise DataError(f"{path}: {n} frame(s) of {size[1]}x{size[0]} px, smaller than {MIN_SIDE} px on a side")
         keep = range(n)
         if scan["skip_empty"] and scans.is_nifti(path) and n > 1:
             keep = [i for i in keep if (scans.read_scan(path, i, scan["axis"], scan["window"]) > 0.05).mean() > 0.01]
@@ -87,7 +89,7 @@ def load_split(name, root, split, seed=0, scan=None):
     if split not in ("train", "test"):
         raise DataError(f"{name}: split must be 'train' or 'test', got {split!r}")
     if name == "synthetic":
-        recs = _synthetic(split, seed)
+        recs = phantoms.synthetic_split(split, seed, _record)
     else:
         root = os.fspath(root)
         base = os.path.join(root, name)
@@ -213,72 +215,6 @@ def sample_shots(records, k, seed):
                         f"out of {len(records)} given{src}")
     idx = np.random.default_rng(seed).choice(len(pool), k, replace=False)
     return [pool[i] for i in idx]
-
-
-# -----------------------------------------------------------------------------
-# synthetic phantoms: in memory, deterministic from the seed
-
-def _ellipse_r(yy, xx, cy, cx, a, b, t):
-    """Normalised elliptic radius: < 1 inside the ellipse."""
-    dy, dx = yy - cy, xx - cx
-    u, v = dx * np.cos(t) + dy * np.sin(t), -dx * np.sin(t) + dy * np.cos(t)
-    return np.sqrt((u / a) ** 2 + (v / b) ** 2)
-
-
-def _soft(r, width):
-    """Soft inside-indicator of r < 1 (sigmoid edge), like partial-volume blur at organ borders."""
-    return 1.0 / (1.0 + np.exp(np.clip((r - 1.0) / width, -50, 50)))
-
-
-def _smooth_noise(rng, n, sigma):
-    z = gaussian_filter(rng.standard_normal((n, n)), sigma)
-    return z / z.std()
-
-
-def _phantom(rng, n=224):
-    """One normal slice: organ with a bright rim, 1-2 darker inner structures, smooth texture."""
-    yy, xx = np.mgrid[0:n, 0:n].astype(np.float64)
-    cy, cx = n / 2 + rng.uniform(-10, 10, 2)
-    a, b = n * rng.uniform(0.30, 0.40), n * rng.uniform(0.24, 0.32)
-    t = rng.uniform(-0.35, 0.35)
-    r = _ellipse_r(yy, xx, cy, cx, a, b, t)
-    organ = _soft(r, 0.02)
-    img = organ * (rng.uniform(0.45, 0.6) + 0.04 * _smooth_noise(rng, n, 4) + 0.05 * _smooth_noise(rng, n, 20))
-    img += rng.uniform(0.2, 0.35) * (_soft(r / 1.07, 0.02) - organ)  # capsule / skull-like rim
-    for _ in range(rng.integers(1, 3)):
-        oy, ox = rng.uniform(-0.3, 0.3, 2) * (b, a)
-        ri = _ellipse_r(yy, xx, cy + oy, cx + ox, a * rng.uniform(0.1, 0.2), b * rng.uniform(0.1, 0.2), t)
-        img -= rng.uniform(0.15, 0.25) * _soft(ri, 0.05) * organ
-    img[img < 1e-3] = 0  # sigmoid tails would leave 1e-20 haze: make the background truly black
-    return np.clip(img, 0, 1).astype(np.float32), r
-
-
-def _add_lesion(rng, img, r_organ, hyper):
-    """Paint a smooth irregular blob inside the organ; the mask is exactly the changed pixels."""
-    n = img.shape[0]
-    ys, xs = np.nonzero(r_organ < 0.6)
-    i = rng.integers(len(ys))
-    yy, xx = np.mgrid[0:n, 0:n]
-    field = 1 - np.hypot(yy - ys[i], xx - xs[i]) / rng.uniform(8, 18) + 0.25 * _smooth_noise(rng, n, 3)
-    comps, _ = cc_label((field > 0) & (r_organ < 0.9))
-    blob = comps == np.bincount(comps.ravel()[comps.ravel() > 0]).argmax()  # one blob, no islands
-    amp = rng.uniform(0.15, 0.3) * (1 if hyper else -1)
-    delta = amp * (0.5 + np.clip(field, 0, 0.5)) * blob  # at least half strength, so every blob pixel changes
-    out = np.clip(img + delta, 0, 1).astype(np.float32)
-    return out, out != img
-
-
-def _synthetic(split, seed):
-    # separate seed-derived streams so the test split never repeats a training phantom
-    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-    if split == "train":
-        return [_record(f"train/normal_{i:02d}", 0, "normal", image=_phantom(rng)[0]) for i in range(16)]
-    recs = [_record(f"test/normal_{i:02d}", 0, "normal", image=_phantom(rng)[0]) for i in range(12)]
-    for i in range(12):
-        cls = "hyper" if i % 2 == 0 else "hypo"
-        img, mask = _add_lesion(rng, *_phantom(rng), hyper=cls == "hyper")
-        recs.append(_record(f"test/{cls}_{i:02d}", 1, cls, image=img, mask=mask))
-    return recs
 
 
 # -----------------------------------------------------------------------------

@@ -13,7 +13,9 @@ image of the batch at the same place (DeCo-Diff's shuffled patches): deviations 
 
 Synthesis in one step (the seed's method):
     z_anom = z_n + C * (1 - m) * eta_theta(x_t, t) / rms,   label = 1 - m, mapped to image resolution
-and the control without a network: z_n + C * (1 - m) * n.
+and the control without a network: z_n + C * (1 - m) * n. Grey-scale images in a latent space that decodes
+colour (TAEF2) keep grey anomalies: the latent change is replaced by that of the anomaly's grey decoding
+(keep_grey); the 1-channel MedVAEs decode grey by construction.
 
     import deviation
     eta = deviation.build_unet("small", channels=1)
@@ -112,30 +114,43 @@ def foreground(views, hw, frac=0.1):
     return g > frac * g.flatten(1).amax(1).view(-1, 1, 1, 1)
 
 
-def sample_synthesis(z_n, fg, C_range, mask="blobs", gen=None):
+def sample_synthesis(z_n, fg, C_range, mask="blobs", gen=None, t_min=0):
     """The random draws of one synthesis of a batch z_n (B, c, h, w): the anomaly's mask m (1 = clean; smooth
-    blobs inside the foreground fg, or DeCo-Diff patches), its size C ~ U(C_range), the noise n and the step t
-    of the masked forward. The learned anomaly and its control share them."""
+    blobs inside the foreground fg, or DeCo-Diff patches), its size C ~ U(C_range), the noise n and the step
+    t ~ U{t_min..T-1} of the masked forward. The learned anomaly and its control share them."""
     B, (h, w), device = len(z_n), z_n.shape[-2:], z_n.device
     C = (C_range[0] + (C_range[1] - C_range[0]) * torch.rand(B, generator=gen)).to(device)
     m = sample_blob_mask(fg, gen) if mask == "blobs" else sample_patch_mask(B, h, w, gen, device)[0]
     n = torch.randn(z_n.shape, generator=gen).to(device)
-    t = torch.randint(T, (B,), generator=gen).to(device)
+    t = torch.randint(t_min, T, (B,), generator=gen).to(device)
     return dict(m=m, C=C, n=n, t=t)
 
 
-def synthesise_latent(z_n, draws, eta=None, abar=None, grad=False):
+def synthesise_latent(z_n, draws, eta=None, abar=None, grad=False, grey=None, grey_base=None):
     """z_anom = z_n + C (1 - m) eta_pred, eta_pred = eta_theta(x_t, t) one step from a masked forward of z_n whose
     mask is the anomaly's (the method); with eta None, z_n + C (1 - m) n (the latent-noise control). Returns
     z_anom and eta_pred (None for the control). grad=False: the detector's loss cannot reach eta_theta, since a
-    generator trained against the detector learns the anomalies easiest to detect, not plausible ones."""
+    generator trained against the detector learns the anomalies easiest to detect, not plausible ones.
+    grey: R(z) = E(grey(D(z))) (encode.grey_round_trip) for grey-scale images in a colour latent space, and
+    grey_base R(z_n) if it is at hand: see keep_grey."""
     m, C, n, t = draws["m"], draws["C"], draws["n"], draws["t"]
     if eta is None:
-        return synthesise(z_n, m, C, n=n), None
-    x_t, _ = masked_forward(z_n, m, t, n, abar)
-    with torch.enable_grad() if grad else torch.no_grad():
-        eta_pred = eta(x_t, t)
-    return synthesise(z_n, m, C, eta_pred=eta_pred), eta_pred
+        z_anom, eta_pred = synthesise(z_n, m, C, n=n), None
+    else:
+        x_t, _ = masked_forward(z_n, m, t, n, abar)
+        with torch.enable_grad() if grad else torch.no_grad():
+            eta_pred = eta(x_t, t)
+        z_anom = synthesise(z_n, m, C, eta_pred=eta_pred)
+    return (z_anom if grey is None else keep_grey(z_n, z_anom, m, grey, grey_base)), eta_pred
+
+
+def keep_grey(z_n, z_anom, m, grey, base=None):
+    """A grey image's anomaly kept grey in a colour latent space (TAEF2 tints grey images where a deviation leaves
+    the latents of grey images): the latent change is replaced by that of the anomaly's grey decoding,
+        z_n + (1 - m) (R(z_anom) - R(z_n)),   R(z) = E(grey(D(z))).
+    Taking the difference cancels the round trip's own error; masking by (1 - m) keeps the label exact. A linear
+    projection that removes the latent directions of pure tints was tried first: it left ~85% of the colour."""
+    return z_n + (1 - m) * (grey(z_anom) - (grey(z_n) if base is None else base))
 
 
 # -----------------------------------------------------------------------------

@@ -27,13 +27,18 @@ import contextlib
 import io
 import os
 import sys
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import weights as W
+from taef2 import TAEF2
 from weights import WeightsUnavailable  # noqa: F401  (callers catch encode.WeightsUnavailable)
+
+# open_clip and medvae import timm's old module path; timm's notice about it is for their authors, not for users
+warnings.filterwarnings("ignore", message="Importing from timm.models.layers is deprecated", category=FutureWarning)
 
 # Architectures assumed for --random-init and --vae-weights (the hub brings each model's own config).
 # MedVAE fine-tunes the KL autoencoders of Latent Diffusion (Rombach et al. 2022): kl-f4 is ch 128,
@@ -288,54 +293,6 @@ def medvae_normalise(x, in_channels):
     return x.mean(dim=1, keepdim=True) if in_channels == 1 else x
 
 
-# -----------------------------------------------------------------------------
-# TAEF2: a real (tiny, not medical) autoencoder that runs offline here, so the synthesis can be looked at
-
-class TAEBlock(nn.Module):
-    """Three 3x3 convs with ReLUs, plus the input, then ReLU. `pooled`: TAEF2's mid blocks first add a 1x1-conv
-    -> GroupNorm -> ReLU -> 1x1-conv branch (4x wider), whose GroupNorm brings in per-image statistics."""
-
-    def __init__(self, c=64, pooled=False):
-        super().__init__()
-        conv = lambda: nn.Conv2d(c, c, 3, padding=1)
-        self.conv = nn.Sequential(conv(), nn.ReLU(), conv(), nn.ReLU(), conv())
-        self.pool = nn.Sequential(nn.Conv2d(c, 4 * c, 1, bias=False), nn.GroupNorm(4, 4 * c), nn.ReLU(),
-                                  nn.Conv2d(4 * c, c, 1, bias=False)) if pooled else None
-        self.fuse = nn.ReLU()
-
-    def forward(self, x):
-        if self.pool is not None:
-            x = x + self.pool(x)
-        return self.fuse(self.conv(x) + x)
-
-
-class TanhClamp(nn.Module):
-    def forward(self, z):
-        return torch.tanh(z / 3) * 3                      # latents are soft-clamped to (-3, 3) before decoding
-
-
-class TAEF2(nn.Module):
-    """TAEF2 (tiny autoencoder for FLUX.2's VAE, madebyollin/taesd): (B, 3, H, W) in [0, 1] <-> (B, 32, H/8, W/8).
-    Three stride-2 stages of 64-channel blocks each way; the state-dict indices follow its published files."""
-
-    def __init__(self, latent_channels=32, c=64):
-        super().__init__()
-        down = lambda: nn.Conv2d(c, c, 3, stride=2, padding=1, bias=False)
-        up = lambda: [nn.Upsample(scale_factor=2), nn.Conv2d(c, c, 3, padding=1, bias=False)]
-        blocks = lambda n, pooled=False: [TAEBlock(c, pooled) for _ in range(n)]
-        self.encoder = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), *blocks(1), down(), *blocks(3), down(),
-                                     *blocks(3), down(), *blocks(3, pooled=True), nn.Conv2d(c, latent_channels, 3, padding=1))
-        self.decoder = nn.Sequential(TanhClamp(), nn.Conv2d(latent_channels, c, 3, padding=1), nn.ReLU(),
-                                     *blocks(3, pooled=True), *up(), *blocks(3), *up(), *blocks(3), *up(), *blocks(1),
-                                     nn.Conv2d(c, 3, 3, padding=1))
-
-    def encode(self, x):
-        return self.encoder(x)                            # (B, 32, H/8, W/8)
-
-    def decode(self, z):
-        return self.decoder(z).clamp(0, 1)                # (B, 3, H, W)
-
-
 def load_taef2(weights=None, random_init=False):
     """A frozen TAEF2: from a folder of its two files (wins over --random-init), random, or downloaded."""
     if random_init and not weights:
@@ -372,6 +329,37 @@ def vae_decode(vae, z):
         return vae.decode(z)
     x = (vae.decode(z) * 0.5 + 0.5).clamp(0, 1)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def decodes_colour(name):
+    """Whether the VAE decodes three independent channels (TAEF2, the 3-channel MedVAEs), so that a latent change
+    can tint a grey image; the 1-channel MedVAEs decode grey by construction."""
+    return name == "taef2" or MEDVAE_MODELS[name]["in_channels"] == 3
+
+
+def is_grey(images, tol=1 / 255):
+    """(N, 3, S, S): whether every pixel has R = G = B (to within a grey level)."""
+    return bool((images.amax(1) - images.amin(1)).max() <= tol)
+
+
+def grey_round_trip(vae, mean, std, batch_size=16):
+    """R(z) = E(grey(D(z))) on standardised latents (z - mean) / std, in batches: a latent made grey by decoding it,
+    averaging the channels and encoding again (deviation.synthesise_latent's `grey`)."""
+    def R(z_n):
+        outs = []
+        for zb in z_n.split(batch_size):
+            x = vae_decode(vae, zb * std + mean)
+            outs.append((vae_encode(vae, x.mean(1, keepdim=True).expand_as(x)) - mean) / std)
+        return torch.cat(outs)
+    return R
+
+
+def grey_for(grey, name, vae, images, mean, std):
+    """The grey round trip R when it applies (grey "decode", grey-scale images, a VAE `name` that decodes colour),
+    else None. Checkpoints from before train.py --grey existed synthesised without it: pass "off" for them."""
+    if grey == "decode" and decodes_colour(name) and is_grey(images):
+        return grey_round_trip(vae, mean, std)
+    return None
 
 
 @torch.inference_mode()

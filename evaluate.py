@@ -40,8 +40,8 @@ import encode
 import exports
 import mediclip
 import metrics
-from runfiles import CheckpointError, check_writable, code_version, load_checkpoint, write_json
-from train import bf16_autocast, pick_device, resolve_layers, scan_options
+from runfiles import CheckpointError, bf16_autocast, check_writable, code_version, load_checkpoint, pick_device, write_json
+from train import resolve_layers, scan_options
 from weights import sha256
 
 RANDOM_WEIGHTS = "random backbone weights: these numbers say nothing about the method"
@@ -314,6 +314,22 @@ def report_warnings(report, ckpts, name):
         cal["cross_dataset"] = (f"fitted on {c['train_data']} (the checkpoint's few-shot set), tested on {name}: "
                                 f"probabilities and thresholds may not transfer (--calib-split fits on {name})")
         out.append(f"calibration and thresholds {cal['cross_dataset']}")
+    return out + transfer_warnings(report)
+
+
+def transfer_warnings(report, slack=0.05):
+    """With labels: an operating point that misses its sensitivity target on the test images by more than slack,
+    and a calibration whose test ECE is far from its ECE on the data it was fitted on (it did not transfer)."""
+    cal, out = report["calibration"], []
+    for key, op in report["operating_points"].items():
+        target = op.get("target_sensitivity")
+        if target is not None and op["sensitivity"] < target - slack:
+            out.append(f"operating point {key}: sensitivity {op['sensitivity']:.3f} on the test images against "
+                       f"{op['sensitivity_on_fit_data']:.3f} on the data its threshold was set on: the target "
+                       f"{target:g} is missed")
+    if cal.get("ece") is not None and cal["ece"] > 2 * cal["ece_on_fit_data"] + slack:
+        out.append(f"calibration does not transfer: ECE {cal['ece']:.3f} on the test images against "
+                   f"{cal['ece_on_fit_data']:.3f} on the data it was fitted on; read the probabilities as scores")
     return out
 
 
@@ -335,13 +351,14 @@ def write_report(out, name, records, maps, member_scores, masks, ckpts, paths, b
     order = np.argsort(-score, kind="stable")
     picks = order[np.linspace(0, len(order) - 1, min(args.overlays, len(order))).round().astype(int)]
     has_masks = any(data.has_mask(r) for r in records)
+    scale = (float(mean_map.min()), float(mean_map.max()))   # one colour scale for every overlay of the run
     for rank, i in enumerate(picks):
-        image, _ = data.load_images([records[i]], mean_map.shape[-1])
         safe = exports.safe_name(records[i]["name"])
         # a normal image of a dataset with masks has a truly empty mask; elsewhere there is no mask to show
         known = data.has_mask(records[i]) or (has_masks and records[i]["label"] == 0)
-        exports.write_overlay(os.path.join(out, f"overlay_{rank:02d}_{safe}.png"), image[0],
-                              mean_map[i].astype(np.float32), masks[i] if known else None)
+        caption = exports.overlay_caption(score[i], None if probs is None else probs[i], records[i]["label"])
+        exports.write_overlay(os.path.join(out, f"overlay_{rank:02d}_{safe}.png"), data.read_image(records[i]),
+                              mean_map[i].astype(np.float32), masks[i] if known else None, scale, caption)
     print(f"wrote {out}/scores.csv and {len(picks)} overlays")
     if args.save_maps:
         exports.save_maps(out, records, mean_map, score, probs)
@@ -377,6 +394,8 @@ def write_report(out, name, records, maps, member_scores, masks, ckpts, paths, b
         for key, t in thresholds.items():
             op = calibration.operating_point(p, y, cls, t)
             op.update(set_on=cal["fitted_on"], sensitivity_on_fit_data=float((fit_probs[fit_labels == 1] >= t).mean()))
+            if key.startswith("sensitivity>="):
+                op["target_sensitivity"] = args.target_sensitivity
             report["operating_points"][key] = op
     report["anomalib"] = metrics.anomalib_metrics(report, report["operating_points"].get("p>=0.5"))
     # the ROC is of the (mean) score; an ensemble's operating points are on the mean calibrated probability, so

@@ -64,20 +64,50 @@ def resize(amap, hw):
     return torch.nn.functional.interpolate(t, size=hw, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def write_overlay(path, image, amap, mask):
-    """image | anomaly map (min-max over the image) | mask, side by side; mask None: a grey panel saying so."""
+def fit_side(h, w, side=320):
+    """(H, W) scaled so that the longer side is `side` px: the image's own aspect ratio, never squashed."""
+    k = side / max(h, w)
+    return max(1, round(h * k)), max(1, round(w * k))
+
+
+def write_overlay(path, image, amap, mask, scale, caption):
+    """image | anomaly map over it | mask, in the image's own aspect ratio, a caption line (score, probability,
+    call, truth) and a colour bar. scale (lo, hi): one range for every overlay of a run, so that a normal image's
+    map is as cool as its values are, not stretched to its own max. image (H, W, 3) in [0, 1]; amap (S, S);
+    mask (S, S) or None (a grey panel saying there is none)."""
     from PIL import ImageDraw
-    img = (image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-    a = (amap - amap.min()) / max(float(amap.max() - amap.min()), 1e-8)
+    h, w = fit_side(*image.shape[:2])
+    img = np.asarray(Image.fromarray((image * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR))
+    a = (resize(amap, (h, w)) - scale[0]) / max(scale[1] - scale[0], 1e-8)
     heat = (0.5 * img + 0.5 * colourise(a)).astype(np.uint8)
     if mask is None:  # not "ground truth: nothing", which an all-black panel would say
-        panel = Image.new("RGB", img.shape[1::-1], (96, 96, 96))
-        ImageDraw.Draw(panel).text((img.shape[1] // 2, img.shape[0] // 2), "no mask", fill=(255, 255, 255),
-                                   anchor="mm")
+        panel = Image.new("RGB", (w, h), (96, 96, 96))
+        ImageDraw.Draw(panel).text((w // 2, h // 2), "no mask", fill=(255, 255, 255), anchor="mm")
         m = np.asarray(panel)
     else:
-        m = np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=-1)
-    Image.fromarray(np.concatenate([img, heat, m], axis=1)).save(path)
+        m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST))
+        m = np.repeat(m[..., None], 3, axis=-1)
+    bar = colourise(np.linspace(1, 0, h)[:, None].repeat(16, 1))                            # (h, 16, 3)
+    body = np.concatenate([img, heat, m, np.full((h, 8, 3), 255, np.uint8), bar], axis=1)
+    canvas = Image.new("RGB", (body.shape[1] + 64, h + 36), (255, 255, 255))
+    canvas.paste(Image.fromarray(body), (0, 30))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 2), caption, fill=(0, 0, 0))
+    draw.text((4, 16), f"map colours: one scale for the whole run, [{scale[0]:.3f}, {scale[1]:.3f}] "
+              f"(the run's map values, low to high)", fill=(90, 90, 90))
+    x = body.shape[1] + 3
+    for frac, value in ((0, scale[1]), (0.5, (scale[0] + scale[1]) / 2), (1, scale[0])):
+        draw.text((x, 30 + min(int(frac * h), h - 10)), f"{value:.3f}", fill=(0, 0, 0))
+    canvas.save(path)
+
+
+def overlay_caption(score, prob, label, threshold=0.5):
+    """One line for an overlay: the image's score, its probability and the call at p >= 0.5, and the truth."""
+    truth = {0: "normal", 1: "anomalous"}.get(int(label), "unknown")
+    if prob is None:
+        return f"score {score:.4f} (uncalibrated: no probability, no call) | truth: {truth}"
+    call = "anomalous" if prob >= threshold else "normal"
+    return f"score {score:.4f} | P(anomalous) {prob:.3f} | call: {call} (p >= {threshold:g}) | truth: {truth}"
 
 
 def write_scores(path, records, member_scores, probs, thresholds, fit):

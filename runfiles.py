@@ -1,5 +1,5 @@
 """
-A run's files: the checkpoint (one torch.save dict of plain types, saved atomically, loaded with weights_only so
+Where a run runs and what it leaves: the device (chosen once, here, for every entry script), the checkpoint (one torch.save dict of plain types, saved atomically, loaded with weights_only so
 that pickled objects are refused, never executed), JSON written atomically, an output folder checked before the
 compute, and the code version stamped on results. train.py writes, evaluate.py, synthesise.py and the ablation read.
 
@@ -7,7 +7,9 @@ compute, and the code version stamped on results. train.py writes, evaluate.py, 
     runfiles.check_writable("runs/x", "--out")           # up front: a one-line ValueError, not a lost result
     runfiles.save_checkpoint(ckpt, "runs/x/run.pt")      # temporary file, then rename
     ckpt = runfiles.load_checkpoint("runs/x/run.pt")     # CheckpointError: missing, truncated, unsafe, newer
+    device = runfiles.pick_device("auto")                # ValueError in one line for a device that is not here
 """
+import contextlib
 import json
 import os
 import pickle
@@ -18,6 +20,34 @@ import uuid
 import torch
 
 FORMAT_VERSION = 1
+
+
+def pick_device(name):
+    """--device: auto (cuda, then mps, then cpu) or a torch device that exists here; else one line that says so."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name; use auto, cpu, cuda, cuda:N or mps") from None
+    here = ["auto", "cpu"] + ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "no NVIDIA driver or GPU found" if torch.version.cuda else "this torch is built without CUDA"
+        raise ValueError(f"--device {name}: {why}; devices here: {', '.join(here)}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here; devices here: {', '.join(here)}")
+    return device
+
+
+def bf16_autocast(device, on_cpu=False):
+    """bf16 autocast on CUDA; on the CPU only when asked (--bf16); full precision elsewhere."""
+    if device.type == "cuda" or (on_cpu and device.type == "cpu"):
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 class CheckpointError(ValueError):
@@ -53,6 +83,17 @@ def write_json(obj, path):
     os.replace(tmp, path)
 
 
+def read_cache(path):
+    """The cached encodings, or None when there are none (or they cannot be read: then they are made again)."""
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # a cache is never worth a failed run: say so and encode again
+        print(f"warning: {path}: unreadable cache ({type(e).__name__}); encoding again")
+        return None
+
+
 def check_writable(path, flag):
     """The folder `path` can be made and written: the nearest existing ancestor is a folder that takes a file."""
     up = os.path.abspath(path)
@@ -68,6 +109,10 @@ def check_writable(path, flag):
 
 def load_checkpoint(path):
     """A checkpoint dict, loaded with weights_only=True: pickled objects are refused, never executed."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "run.pt")
+        hint = f"; did you mean {inside}?" if os.path.isfile(inside) else " (train.py writes <run folder>/run.pt)"
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file{hint}")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint")
     try:

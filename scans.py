@@ -76,8 +76,15 @@ def window_percentiles(x):
 # -----------------------------------------------------------------------------
 # DICOM
 
+NOT_IMAGES = {"SEG": "a segmentation", "RTSTRUCT": "radiotherapy structures", "RTDOSE": "a radiotherapy dose grid",
+              "RTPLAN": "a radiotherapy plan", "RTRECORD": "a radiotherapy record", "SR": "a structured report",
+              "KO": "a key-object selection", "PR": "a presentation state", "REG": "a registration", "DOC": "a document"}
+
+
 def read_dicom_header(path):
     import pydicom
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ScanError(f"{path}: empty file (0 bytes)")
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as e:
@@ -161,6 +168,8 @@ def nifti_volume(img, path):
     except (EOFError, OSError, ValueError, gzip.BadGzipFile) as e:
         raise ScanError(f"{path}: NIfTI data shorter than its header says, truncated or corrupt "
                         f"({one_line(e)})") from None
+    if any(n > 1 for n in data.shape[3:]):
+        raise ScanError(f"{path}: a {data.ndim}D NIfTI of shape {data.shape}; give one 3D volume")
     data = np.squeeze(data, axis=tuple(range(3, data.ndim))) if data.ndim > 3 else data
     if data.ndim == 2:
         data = data[:, :, None]
@@ -215,11 +224,23 @@ def count_images(path, axis="axial"):
     """How many images a scan file holds (frames, or slices along axis), and the letter that names them."""
     if is_nifti(path):
         img = load_nifti(path)
-        shape = img.shape + (1,) * (3 - len(img.shape))
+        if any(n > 1 for n in img.shape[3:]):
+            raise ScanError(f"{path}: a {len(img.shape)}D NIfTI of shape {img.shape} ({int(np.prod(img.shape[3:]))} "
+                            f"volumes); give one 3D volume")
+        shape = img.shape[:3] + (1,) * (3 - len(img.shape[:3]))
         a = AXES[axis] if shape[2] > 1 else 2
         return int(shape[a]), AXIS_LETTER[a]
     ds = read_dicom_header(path)
+    modality = str(ds.get("Modality", "")).upper()
+    if modality in NOT_IMAGES:
+        raise ScanError(f"{path}: a DICOM {modality} object ({NOT_IMAGES[modality]}), not an image")
     return int(ds.get("NumberOfFrames", 1) or 1), "f"
+
+
+def dicom_size(path):
+    """(rows, columns) from a DICOM file's header, without its pixels."""
+    ds = read_dicom_header(path)
+    return int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
 
 
 def read_scan(path, index=0, axis="axial", window=None):

@@ -40,8 +40,7 @@ import data
 import deviation
 import encode
 import project
-from runfiles import check_writable, load_checkpoint, write_json
-from train import pick_device
+from runfiles import check_writable, load_checkpoint, pick_device, write_json
 
 
 def parse_args(argv=None):
@@ -54,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="folder for synthesis.png and synthesis.json (default: beside --ckpt)")
     p.add_argument("--tile", type=int, default=160, help="side of each image in synthesis.png, px")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps, or auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     return p.parse_args(argv)
 
 
@@ -174,30 +174,51 @@ def load_views(ckpt, data_root):
     return data.augment_views(images, cfg["views"], cfg["seed"])                                # (k V, 3, S, S)
 
 
-@torch.no_grad()
-def main(args):
-    if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
-    ckpt = load_checkpoint(args.ckpt)
-    cfg, device = ckpt["config"], pick_device(args.device)
-    out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
-    check_writable(out, "--out")
-    views = load_views(ckpt, args.data_root)[:args.n].to(device)
-    vae = encode.load_vae(cfg["vae"], cfg["vae_weights"], cfg["random_init"]).to(device)
+def load_trainables(ckpt, device):
+    """eta_theta, P_theta and the latent statistics (mean, std, each (1, c, 1, 1)) of a checkpoint."""
+    cfg = ckpt["config"]
     eta = deviation.build_unet(cfg["unet"], cfg["latent_channels"]).to(device).eval()
     proj = project.build_projection(cfg["projection"], cfg["latent_channels"], cfg["token_dim"], cfg["token_hw"],
                                     len(cfg["layers"])).to(device).eval()
     eta.load_state_dict(ckpt["state_dicts"]["eta"])
     proj.load_state_dict(ckpt["state_dicts"]["projection"])
     mean, std = (torch.tensor(ckpt[k], device=device).view(1, -1, 1, 1) for k in ("latent_mean", "latent_std"))
+    return eta, proj, mean, std
+
+
+def checkpoint_warnings(cfg, path):
+    """What makes a checkpoint's synthesis not what it seems: an eta_theta that never trained, random VAE weights."""
+    out = []
+    if cfg["synth"] not in ("deviation", "mix"):
+        out.append(f"{path}: trained with --synth {cfg['synth']}: eta_theta never trained")
+    if cfg.get("vae_random", cfg["random_init"] and not cfg["vae_weights"]):
+        out.append(f"{path}: random {cfg['vae']} weights: the decoded images and statistics are of a random "
+                   f"latent space")
+    return out
+
+
+@torch.no_grad()
+def main(args):
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ckpt = load_checkpoint(args.ckpt)
+    cfg, device = ckpt["config"], pick_device(args.device)
+    out = args.out or os.path.dirname(os.path.abspath(args.ckpt))
+    check_writable(out, "--out")
+    views = load_views(ckpt, args.data_root)[:args.n].to(device)
+    vae = encode.load_vae(cfg["vae"], cfg["vae_weights"], cfg["random_init"]).to(device)
+    eta, proj, mean, std = load_trainables(ckpt, device)
+    grey = encode.grey_for(cfg.get("grey", "off"), cfg["vae"], vae, views, mean, std)
 
     # the synthesis, exactly as in training: standardised latents, the same draws for learned and control
     z = encode.encode_latents(vae, views)                                                     # (n, c, h, w)
     z_n = (z - mean) / std
     draws = deviation.sample_synthesis(z_n, deviation.foreground(views, z.shape[-2:]), cfg["C"], cfg["synth_mask"],
                                        torch.Generator().manual_seed(args.seed))
-    z_l, eta_pred = deviation.synthesise_latent(z_n, draws, eta, deviation.cosine_abar().to(device))
-    z_c, _ = deviation.synthesise_latent(z_n, draws, None)
+    z_l, eta_pred = deviation.synthesise_latent(z_n, draws, eta, deviation.cosine_abar().to(device), grey=grey)
+    z_c, _ = deviation.synthesise_latent(z_n, draws, None, grey=grey)
     decode = lambda zz: encode.vae_decode(vae, zz * std + mean)
     x0, x_l, x_c = decode(z_n), decode(z_l), decode(z_c)                                        # (n, 3, S, S)
     mask_img = F.interpolate(1 - draws["m"], size=views.shape[-2:], mode="nearest")            # (n, 1, S, S)
@@ -210,16 +231,12 @@ def main(args):
     write_figure(os.path.join(out, "synthesis.png"), x0.cpu(), x_l.cpu(), x_c.cpu(), mask_img.cpu(), args.tile)
     report = dict(checkpoint=os.path.abspath(args.ckpt), data=cfg["data"], shots=ckpt["shots"], vae=cfg["vae"],
                   n=len(views), seed=args.seed, C=cfg["C"], mask=cfg["synth_mask"], synth=cfg["synth"],
+                  grey=grey is not None,
                   eta_steps=cfg["steps"], decoder_reach_px=reach,
                   learned=summarise({k: v.cpu() for k, v in learned.items()}),
                   control=summarise({k: v.cpu() for k, v in control.items()}),
                   definitions=__doc__[__doc__.index("  locality"):].strip())
-    report["warnings"] = []
-    if cfg["synth"] not in ("deviation", "mix"):
-        report["warnings"].append(f"this checkpoint trained with --synth {cfg['synth']}: eta_theta never trained")
-    if cfg.get("vae_random", cfg["random_init"] and not cfg["vae_weights"]):
-        report["warnings"].append(f"random {cfg['vae']} weights: the decoded images and statistics are of a random "
-                                  f"latent space")
+    report["warnings"] = checkpoint_warnings(cfg, "this checkpoint")
     write_json(report, os.path.join(out, "synthesis.json"))
     for w in report["warnings"]:
         print(f"WARNING: {w}")

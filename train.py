@@ -5,7 +5,8 @@ Train a one-shot MediCLIP detector on anomalies *learned* in MedVAE latent space
     -> trainables: eta_theta (deviation.py), P_theta (project.py), adapters + prompts (mediclip.py)
     -> per step:
          x_t, eta      = masked forward of z_n (DeCo-Diff)            L_deco  = |eta_theta(x_t, t) - eta|^2
-         z_anom        = z_n + C (1 - m) eta_pred                     (or the control: latent noise)
+         z_anom        = z_n + C (1 - m) eta_pred                     (or the control: latent noise; kept grey
+                                                                        for grey images in a colour VAE)
          maps          = MediCLIP(P(z_anom)), MediCLIP(P(z_n)), MediCLIP(CLIP tokens)   masks: 1 - m, 0, 0
          L_det         = focal + dice                                 L_align = 1 - cos(P(z_n), CLIP tokens)
          total         = w1 L_det + w2 L_deco + w3 L_align
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import calibration as calib
 import data
 import deviation
 import encode
@@ -41,7 +43,6 @@ import project
 import runfiles
 
 SYNTH_MODES = ("deviation", "latent-noise", "mediclip", "pixel-noise", "mix")
-CAL_TOP = 256  # anomaly-map values kept per calibration image: any image score up to evaluate.py --topk 256
 
 
 def parse_args(argv=None):
@@ -81,6 +82,10 @@ def parse_args(argv=None):
                    help="anomaly regions: smooth blobs inside the foreground, or DeCo-Diff patches")
     p.add_argument("--C", type=float, nargs=2, default=[1.0, 3.0], metavar=("LO", "HI"),
                    help="deviation size in latent stds, drawn uniformly from [LO, HI]")
+    p.add_argument("--grey", default="decode", choices=["decode", "off"], help="grey-scale images in a VAE that "
+                   "decodes colour (taef2, medvae_4_3/_8_4): keep their anomalies grey through the grey decoding "
+                   "(deviation.keep_grey; one VAE decode + encode of the batch per step); the 1-channel MedVAEs "
+                   "decode grey by construction and skip it")
     p.add_argument("--eta-warmup", type=int, default=50, help="steps eta_theta trains alone before it synthesises")
     p.add_argument("--det-trains-eta", action="store_true", help="let the detection loss train eta_theta too")
     # optim
@@ -108,7 +113,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Refuse up front, in one line, what would fail or mislead only after minutes of encoding."""
-    for flag in ("steps", "views", "batch_size", "bank"):
+    for flag in ("shots", "steps", "views", "batch_size", "bank"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.synth in ("deviation", "mix") and args.steps <= args.eta_warmup:
@@ -123,21 +128,6 @@ def scan_options(args):
     """How DICOM and NIfTI files are read (data.scan_records): slice axis, window, and whether to skip empty slices."""
     return dict(axis=args.slice_axis, window=tuple(args.window) if args.window else None,
                 skip_empty=getattr(args, "skip_empty_slices", False))
-
-
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-
-
-def bf16_autocast(device, on_cpu=False):
-    """bf16 autocast on CUDA; on the CPU only when asked (--bf16); full precision elsewhere."""
-    if device.type == "cuda" or (on_cpu and device.type == "cpu"):
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 def resolve_layers(layers, depth):
@@ -157,7 +147,7 @@ def encode_views(views, clip, tokens_model, layers, device, autocast, args):
     """The frozen encodings of the views: CLIP tokens (list over layers) and VAE latents z, computed once, or read
     from --cache. Returns them and whether they came from the cache."""
     cache = args.cache and os.path.join(args.cache, f"views-{cache_key(views, layers, device, args)}.pt")
-    cached = read_cache(cache)
+    cached = runfiles.read_cache(cache)
     if cached:
         print(f"frozen encodings of the {len(views)} views read from {cache}")
         return [t.to(device) for t in cached["real"]], cached["z"].to(device), True
@@ -191,30 +181,6 @@ def standardise(z):
     return (z - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1), mean, std
 
 
-def calibration_set(det, text, S, real, synthesise, bank, args):
-    """What a few-shot user has, scored by the trained detector: every view of the shots (normal; trained on, so
-    optimistic) and as many fresh synthetic anomalies of the kind it trained on (latent ones from synthesise(slice),
-    pixel ones from the bank). Their top CAL_TOP map values; evaluate.py fits Platt scaling on them."""
-    n, B = len(real[0]), args.batch_size
-    normal = score_tops(det, text, S, n, lambda s: [t[s] for t in real], B)
-    anomalous, n_each = [], n // (int(synthesise is not None) + int(bank is not None))
-    if synthesise is not None:
-        anomalous.append(score_tops(det, text, S, n_each, synthesise, B))
-    if bank is not None:
-        anomalous.append(score_tops(det, text, S, min(n_each, len(bank[1])), lambda s: [b[s] for b in bank[0]], B))
-    return dict(normal=normal, anomalous=torch.cat(anomalous), data=args.data, synth=args.synth)
-
-
-@torch.no_grad()
-def score_tops(det, text, S, n, tokens_of, batch):
-    """The CAL_TOP largest anomaly-map values (descending) of n images, whose tokens tokens_of(slice) gives."""
-    tops = []
-    for i in range(0, n, batch):
-        probs = det(tokens_of(slice(i, min(i + batch, n))), text, S)             # (b, 2, S, S)
-        tops.append(probs[:, 1].flatten(1).topk(CAL_TOP, dim=1).values.float().cpu())
-    return torch.cat(tops)                                                      # (n, CAL_TOP)
-
-
 def cache_key(views, layers, device, args):
     """What the frozen encodings of the views depend on: their pixels (so the data, shots, seed and
     augmentation), the encoders and their weights, the precision, and the code of encode.py."""
@@ -230,17 +196,6 @@ def cache_key(views, layers, device, args):
     return h.hexdigest()[:20]
 
 
-def read_cache(path):
-    """The cached encodings, or None when there are none (or they cannot be read: then they are made again)."""
-    if not path or not os.path.isfile(path):
-        return None
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as e:  # a cache is never worth a failed run: say so and encode again
-        print(f"warning: {path}: unreadable cache ({type(e).__name__}); encoding again")
-        return None
-
-
 def check_finite(step, terms):
     for name, value in terms.items():
         if not math.isfinite(value):
@@ -254,10 +209,10 @@ def main(args):
     # ---- device
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    autocast = bf16_autocast(device, on_cpu=args.bf16)     # the frozen forwards
+    device = runfiles.pick_device(args.device)
+    autocast = runfiles.bf16_autocast(device, on_cpu=args.bf16)     # the frozen forwards
     # the trainables' forwards: bf16 only with --bf16 (fp32 master weights and losses), on any device
-    step_autocast = bf16_autocast(device, on_cpu=True) if args.bf16 else contextlib.nullcontext
+    step_autocast = runfiles.bf16_autocast(device, on_cpu=True) if args.bf16 else contextlib.nullcontext
     gen = torch.Generator().manual_seed(args.seed)  # every random draw of the loop, on the CPU: reproducible
     out = args.out or os.path.join("runs", f"{os.path.basename(args.data.rstrip('/'))}-k{args.shots}-s{args.seed}")
 
@@ -289,6 +244,12 @@ def main(args):
     encode_s = time.time() - t0
     z_n, z_mean, z_std = standardise(z)                    # per channel, with statistics of the views
     fg = deviation.foreground(views, z.shape[-2:]).to(device)
+    grey = grey_base = None  # a colour VAE tints grey anomalies: keep them grey (deviation.keep_grey)
+    if uses_latent and args.grey == "decode" and encode.decodes_colour(args.vae) and encode.is_grey(views):
+        vae = encode.load_vae(args.vae, args.vae_weights, args.random_init).to(device)
+        grey = encode.grey_round_trip(vae, z_mean.view(1, -1, 1, 1), z_std.view(1, -1, 1, 1))
+        with torch.no_grad():
+            grey_base = grey(z_n)                          # R(z_n) of every view, once
 
     # ---- trainables: their initialisation depends on the seed only, not on how the encoders were loaded
     torch.manual_seed(args.seed)
@@ -296,7 +257,7 @@ def main(args):
     config.update(layers=layers, clip_act=encode.clip_activation(clip), clip_random=clip_random,
                   vae_random=vae_random, image_size=image_size, token_dim=real[0].shape[1], token_hw=real[0].shape[-1],
                   latent_channels=z.shape[1], latent_hw=z.shape[-1], n_views=len(views), held_out_views=len(held_idx),
-                  bank_size=len(bank_masks) if uses_bank else 0)
+                  bank_size=len(bank_masks) if uses_bank else 0, grey_applied=grey is not None)
     eta, proj, det = (m.to(device) for m in build_trainables(config, clip))
     del clip.visual  # adapters are initialised from it; from here on only the text tower is needed
     opt = torch.optim.Adam([*eta.parameters(), *proj.parameters(), *det.parameters()],
@@ -330,7 +291,8 @@ def main(args):
                 if uses_latent:  # 2. synthesis: z_anom = z_n + C (1 - m_s) eta_pred (or n), label = 1 - m_s
                     draws = deviation.sample_synthesis(z0, fg_b, args.C, args.synth_mask, gen)
                     z_anom, m_s = deviation.synthesise_latent(z0, draws, eta if uses_eta else None, abar,
-                                                              args.det_trains_eta)[0], draws["m"]
+                                                              args.det_trains_eta, grey,
+                                                              None if grey is None else grey_base[idx])[0], draws["m"]
 
                     # 3. project into CLIP token space; keep P aligned with the real tokens of the same views
                     projected = proj(torch.cat([z_anom, z0]))                         # list of (2B, D, H, W)
@@ -389,8 +351,10 @@ def main(args):
     cal_gen = torch.Generator().manual_seed(args.seed + 1)
     synth_tokens = None if not uses_latent else lambda s: proj(deviation.synthesise_latent(
         z_n[s], deviation.sample_synthesis(z_n[s], fg[s], args.C, args.synth_mask, cal_gen),
-        eta if uses_eta else None, abar)[0])
-    calibration = calibration_set(det, text, S, real, synth_tokens, (bank, bank_masks) if uses_bank else None, args)
+        eta if uses_eta else None, abar, grey=grey,
+        grey_base=None if grey is None else grey_base[s])[0])
+    calibration = calib.calibration_set(det, text, S, real, synth_tokens, (bank, bank_masks) if uses_bank else None,
+                                        args)
     calib_s = time.time() - t0 - encode_s - train_s
 
     # ---- save

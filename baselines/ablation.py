@@ -8,8 +8,11 @@ seeds for every mode; each checkpoint is evaluated, and the cells are summarised
 Everything after `--` goes to train.py unchanged. Block by block (a dataset and a k): every seed x mode is trained
 (the modes of one seed share the frozen encodings of its views, train.py --cache <out>/cache), then all are
 evaluated together, one frozen CLIP forward per test batch serving every checkpoint. Resumable: a run whose
-metrics.json exists is skipped, and a run whose checkpoint exists is only evaluated; `--report-only` tabulates the
-runs finished so far, lists the ones still missing, and runs nothing. `--test-data NAME` evaluates every
+metrics.json exists is skipped, and a run whose checkpoint exists is only evaluated, but only if its config.json
+says it was made with this call's train.py settings: a run made otherwise (a smoke run left in the same --out) is
+refused in one line, never reused or overwritten. `--report-only` tabulates the runs finished so far (with the
+train.py options recorded in runs.json unless `--` gives others), lists the ones still missing and the ones made
+with other settings (never in the table), and runs nothing. `--test-data NAME` evaluates every
 checkpoint on another dataset (a cross-dataset cell). Writes <out>/table.md (image and pixel AUROC per cell) and
 <out>/runs.json (every run with its full configuration and metrics, and the missing ones).
 
@@ -89,13 +92,42 @@ def run_folder(args, dataset, k, mode, seed):
     return os.path.join(args.out, dataset, f"k{k}", mode, f"s{seed}")
 
 
+def train_argv(args, dataset, k, mode, seed):
+    return ["--data", dataset, "--data-root", args.data_root, "--shots", str(k), "--seed", str(seed), "--synth", mode,
+            "--out", run_folder(args, dataset, k, mode, seed), "--cache", os.path.join(args.out, "cache")] + \
+        args.train_args
+
+
+WHERE_NOT_WHAT = ("out", "cache", "data_root", "threads", "device", "log_every", "save_synthesis")
+
+
+def changed_settings(args, dataset, k, mode, seed):
+    """How a run already in the folder was made otherwise than this call would make it: {setting: (then, now)};
+    {} for a run that matches or has not started. Where and how fast a run ran (WHERE_NOT_WHAT) do not count."""
+    path = os.path.join(run_folder(args, dataset, k, mode, seed), "config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        then = json.load(f)
+    now = json.loads(json.dumps(vars(train.parse_args(train_argv(args, dataset, k, mode, seed)))))
+    return {key: (then.get(key), v) for key, v in now.items() if key not in WHERE_NOT_WHAT
+            and not (key == "layers" and v is None) and then.get(key) != v}   # layers None: train.py resolves it
+
+
+def refuse_changed(args, dataset, k, mode, seed):
+    """A finished or half-made run with other settings is never reused, nor overwritten: one line, and stop."""
+    diff = changed_settings(args, dataset, k, mode, seed)
+    if diff:
+        raise SystemExit(f"error: {run_folder(args, dataset, k, mode, seed)}: made with other train.py settings than "
+                         f"this call (" + ", ".join(f"--{key.replace('_', '-')} {a} then, {b} now"
+                                                    for key, (a, b) in sorted(diff.items())) +
+                         "); use another --out, or remove that run to train it again")
+
+
 def train_one(args, dataset, k, mode, seed):
     """Train one run, unless its checkpoint exists (a half-trained run has none, and starts again)."""
-    folder = run_folder(args, dataset, k, mode, seed)
-    if not os.path.isfile(os.path.join(folder, "run.pt")):
-        train.main(train.parse_args(["--data", dataset, "--data-root", args.data_root, "--shots", str(k),
-                                     "--seed", str(seed), "--synth", mode, "--out", folder,
-                                     "--cache", os.path.join(args.out, "cache")] + args.train_args))
+    if not os.path.isfile(os.path.join(run_folder(args, dataset, k, mode, seed), "run.pt")):
+        train.main(train.parse_args(train_argv(args, dataset, k, mode, seed)))
 
 
 def evaluate_together(args, folders, test):
@@ -104,7 +136,7 @@ def evaluate_together(args, folders, test):
     paths = [os.path.join(f, "run.pt") for f in folders]
     ev = evaluate.parse_args(["--ckpt", *paths, "--data", test, "--data-root", args.data_root, "--overlays", "0",
                               "--bootstrap", "0"])                  # the table's spread is over seeds
-    device = train.pick_device(ev.device)
+    device = runfiles.pick_device(ev.device)
     ckpts, clip, layers, backbone, dets = evaluate.load_models(paths, ev, device)
     records = data.load_split(test, args.data_root, "test")
     maps, scores, masks = evaluate.predict(records, clip, dets, layers, ev, device)   # (M, N, S, S), (M, N)
@@ -120,6 +152,9 @@ def metrics_path(args, dataset, k, mode, seed):
 def run_block(args, dataset, k, seeds):
     """The given seeds x all modes of one (dataset, shots): train what is missing, then evaluate what is missing
     together."""
+    for seed in seeds:
+        for mode in args.modes:
+            refuse_changed(args, dataset, k, mode, seed)
     todo = [(mode, seed) for seed in seeds for mode in args.modes
             if not os.path.isfile(metrics_path(args, dataset, k, mode, seed))]
     for mode, seed in todo:
@@ -130,11 +165,17 @@ def run_block(args, dataset, k, seeds):
 
 
 def collect(args):
-    """Every finished run of the protocol, whichever worker ran it, and the (dataset, shots, mode, seed) missing."""
-    records, missing = [], []
+    """Every finished run of the protocol, whichever worker ran it; the (dataset, shots, mode, seed) missing; and
+    the runs made with other settings than the protocol's (never in the table)."""
+    records, missing, other = [], [], []
     for dataset, k, seed in units(args):
         for mode in args.modes:
             path = metrics_path(args, dataset, k, mode, seed)
+            diff = changed_settings(args, dataset, k, mode, seed)
+            if diff:
+                other.append(dict(folder=run_folder(args, dataset, k, mode, seed),
+                                  settings={key: dict(run=a, protocol=b) for key, (a, b) in diff.items()}))
+                continue
             if not os.path.isfile(path):
                 missing.append(dict(train_data=dataset, shots=k, mode=mode, seed=seed,
                                     shard=shard_of(args, (dataset, k, seed))))
@@ -144,7 +185,7 @@ def collect(args):
             records.append(dict(train_data=dataset, test_data=args.test_data or dataset, shots=k, mode=mode,
                                 seed=seed, image_auroc=m["image"]["auroc"],
                                 pixel_auroc=m["pixel"]["auroc"] if m["pixel"] else None, metrics=m))
-    return records, missing
+    return records, missing, other
 
 
 def mean_std(values):
@@ -170,8 +211,18 @@ def write_table(runs, modes, path):
         f.write("\n".join(lines) + "\n")
 
 
+def recorded_train_args(args):
+    """--report-only without `--`: the train.py options recorded in runs.json by the runs' own calls."""
+    path = os.path.join(args.out, "runs.json")
+    if args.report_only and not args.train_args and os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f).get("train_args", [])
+    return args.train_args
+
+
 def main(args):
     os.makedirs(args.out, exist_ok=True)
+    args.train_args = recorded_train_args(args)
     mine = [u for u in units(args) if shard_of(args, u) == args.shard[0]]
     if not args.report_only:
         for dataset in args.datasets:
@@ -179,11 +230,15 @@ def main(args):
                 seeds = [s for d, kk, s in mine if (d, kk) == (dataset, k)]
                 if seeds:
                     run_block(args, dataset, k, seeds)
-    runs, missing = collect(args)     # what every worker has finished so far
-    runfiles.write_json(dict(train_args=args.train_args, runs=runs, missing=missing),
+    runs, missing, other = collect(args)     # what every worker has finished so far
+    runfiles.write_json(dict(train_args=args.train_args, runs=runs, missing=missing, other_settings=other),
                         os.path.join(args.out, "runs.json"))
     write_table(runs, args.modes, os.path.join(args.out, "table.md"))
     print(open(os.path.join(args.out, "table.md")).read())
+    if other:
+        print(f"WARNING: {len(other)} run(s) in {args.out} were made with other train.py settings than "
+              f"{args.train_args} and are left out of the table, e.g. {other[0]['folder']}: "
+              + ", ".join(f"{k} {v['run']} (run) vs {v['protocol']}" for k, v in other[0]["settings"].items()))
     if missing:
         shards = sorted({m["shard"] for m in missing})
         print(f"{len(missing)} of {len(runs) + len(missing)} runs missing, e.g. " + ", ".join(

@@ -2,6 +2,7 @@
 import json
 import os
 
+import pytest
 import torch
 
 import encode
@@ -39,6 +40,14 @@ def test_ablation_table_and_resume(monkeypatch, tmp_path):
               "pixel-noise", "--out", str(tmp_path), "--report-only"]
     assert len(ablation.main(ablation.parse_args(report))) == 4
     assert os.path.isdir(tmp_path / "synthetic" / "k1" / "pixel-noise" / "s1")
+    assert json.load(open(tmp_path / "runs.json"))["train_args"] == argv[argv.index("--") + 1:]   # kept, not []
+    # the protocol with other train.py settings into the same --out: refused, never taken for its own runs
+    other = argv[:argv.index("--") + 1] + TINY[TINY.index("--random-init"):] + ["--bank", "4", "--C", "2", "4"]
+    with pytest.raises(SystemExit, match=r"k1/deviation/s0: made with other train.py settings than this call "
+                                         r"\(--C \[1.0, 3.0\] then, \[2.0, 4.0\] now\)"):
+        ablation.main(ablation.parse_args(other))
+    assert ablation.main(ablation.parse_args(other[:other.index("--")] + ["--report-only"] + other[other.index("--"):])) == []
+    assert len(json.load(open(tmp_path / "runs.json"))["other_settings"]) == 4
 
 
 def test_ablation_evaluates_a_block_in_one_pass_as_each_alone(monkeypatch, tmp_path):

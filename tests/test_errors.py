@@ -7,8 +7,10 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 import evaluate
@@ -24,7 +26,11 @@ def run_cli(*argv):
 
 @pytest.mark.parametrize("argv, needle", [
     (["train.py", "--data", "brainmri", "--data-root", "/nonexistent/root"], "/nonexistent/root"),
-    (["train.py", "--data", "synthetic", "--shots", "0", "--random-init"], "shots"),
+    (["train.py", "--data", "synthetic", "--shots", "0", "--random-init"], "--shots must be >= 1, got 0"),
+    (["train.py", "--data", "synthetic", "--random-init", "--device", "cuda"] if not torch.cuda.is_available() else
+     ["train.py", "--data", "synthetic", "--random-init", "--device", "nonsense"], "--device"),
+    (["synthesise.py", "--ckpt", "tests", "--device", "cpu"], "tests: a folder, not a checkpoint file"),
+    (["evaluate.py", "--ckpt", "tests"], "tests: a folder, not a checkpoint file"),
     (["evaluate.py", "--ckpt", "/nonexistent/run.pt"], "/nonexistent/run.pt"),
     (["train.py", "--data", "synthetic", "--random-init", "--steps", "0"], "--steps must be >= 1"),
     (["train.py", "--data", "synthetic", "--random-init", "--steps", "20"], "--steps 20 <= --eta-warmup 50"),
@@ -85,8 +91,6 @@ def test_ctrl_c_says_the_step_in_one_line(tmp_path):
 
 
 def test_own_images_score_what_can_be_read_and_list_the_rest(tmp_path, capsys):
-    from PIL import Image
-    import numpy as np
     d = tmp_path / "scans"
     d.mkdir()
     for i in range(3):
@@ -106,7 +110,7 @@ def test_own_images_score_what_can_be_read_and_list_the_rest(tmp_path, capsys):
     assert "skipped 4, listed in" in out and "WARNING: random backbone weights" in out
     overlays = sorted(f for f in os.listdir(tmp_path / "out") if f.startswith("overlay_"))
     assert overlays and not any(f.endswith(".png.png") for f in overlays)       # overlay_00_ok2.png
-    panel = np.asarray(Image.open(tmp_path / "out" / overlays[0]))[:, -5:]      # no mask: said, not drawn black
+    panel = np.asarray(Image.open(tmp_path / "out" / overlays[0]))[30:, 650:950]  # no mask: said, not drawn black
     assert (panel == 96).mean() > 0.9
     for f in ("ok0.png", "ok1.png", "ok2.png"):
         (d / f).unlink()
@@ -154,3 +158,48 @@ def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     assert "(default: 300)" in capsys.readouterr().out
+
+
+def test_device_errors_say_what_is_here():
+    import runfiles
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"--device cuda: .*; devices here: auto, cpu"):
+            runfiles.pick_device("cuda")
+    with pytest.raises(ValueError, match="not a device name"):
+        runfiles.pick_device("gpu0")
+    assert runfiles.pick_device("cpu").type == "cpu"
+
+
+def test_a_folder_holding_run_pt_is_suggested(tmp_path):
+    import runfiles
+    (tmp_path / "run.pt").write_bytes(b"")
+    with pytest.raises(runfiles.CheckpointError, match=f"did you mean {tmp_path}/run.pt"):
+        runfiles.load_checkpoint(str(tmp_path))
+
+
+def test_missed_targets_and_a_calibration_that_does_not_transfer_are_said():
+    ops = {"p>=0.5": dict(sensitivity=0.2, specificity=0.9, sensitivity_on_fit_data=0.9),
+           "sensitivity>=0.95": dict(sensitivity=0.0, specificity=1.0, sensitivity_on_fit_data=0.97,
+                                     target_sensitivity=0.95)}
+    w = evaluate.transfer_warnings(dict(operating_points=ops, calibration=dict(ece=0.45, ece_on_fit_data=0.06)))
+    assert len(w) == 2
+    assert "sensitivity>=0.95: sensitivity 0.000 on the test images against 0.970" in w[0] and "missed" in w[0]
+    assert "ECE 0.450 on the test images against 0.060" in w[1]
+    ops["sensitivity>=0.95"]["sensitivity"] = 0.93
+    assert evaluate.transfer_warnings(dict(operating_points=ops, calibration=dict(ece=0.08, ece_on_fit_data=0.06))) == []
+
+
+def test_overlays_share_one_scale_keep_their_aspect_and_say_what_they_show(tmp_path):
+    import exports
+    image = np.full((300, 600, 3), 0.5, np.float32)                              # an 800x600-like, wide image
+    low, high = np.full((8, 8), 0.1, np.float32), np.full((8, 8), 0.9, np.float32)
+    for name, amap in (("low", low), ("high", high)):
+        exports.write_overlay(str(tmp_path / f"{name}.png"), image, amap, None, (0.0, 1.0), "caption")
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("low", "high"))
+    assert a.shape == (160 + 36, 3 * 320 + 8 + 16 + 64, 3)                      # 2:1, not squashed to a square
+    heat = lambda x: x[30:, 320:640]
+    assert heat(b).sum() > heat(a).sum() + 1000                                   # one scale: low stays cool
+    assert exports.overlay_caption(0.4, 0.8, 0) == ("score 0.4000 | P(anomalous) 0.800 | call: anomalous "
+                                                    "(p >= 0.5) | truth: normal")
+    assert "uncalibrated" in exports.overlay_caption(0.4, None, -1) and "truth: unknown" in \
+        exports.overlay_caption(0.4, None, -1)

@@ -100,12 +100,12 @@ def test_calibration_split_is_stratified_and_seeded():
 def test_checkpoint_holds_a_calibration_set(tmp_path):
     ckpt = torch.load(train.main(train.parse_args(TINY + ["--out", str(tmp_path)])), weights_only=True)
     cal = ckpt["calibration"]
-    assert cal["normal"].shape == (4, train.CAL_TOP) and cal["anomalous"].shape == (4, train.CAL_TOP)
+    assert cal["normal"].shape == (4, calibration.CAL_TOP) and cal["anomalous"].shape == (4, calibration.CAL_TOP)
     assert (cal["normal"][:, :-1] >= cal["normal"][:, 1:]).all()                 # descending top values
     s, y = evaluate.calibration_set(ckpt, 0, "x")
     assert torch.equal(torch.from_numpy(s[:4]), cal["normal"][:, 0].double()) and y.tolist() == [0] * 4 + [1] * 4
     with pytest.raises(ValueError, match="--topk"):
-        evaluate.calibration_set(ckpt, train.CAL_TOP + 1, "x")
+        evaluate.calibration_set(ckpt, calibration.CAL_TOP + 1, "x")
 
 
 @pytest.fixture(scope="module")

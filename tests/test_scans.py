@@ -194,3 +194,31 @@ def test_own_scans_end_to_end_with_anomalib_fields(tmp_path):
     maps = tmp_path / "out" / "maps"
     assert np.load(maps / "ct.npz")["anomaly_map"].shape == (64, 64)
     assert nib.load(maps / "t1.nii.gz").shape == (40, 36, 34)
+
+
+def test_a_folder_of_odd_files_skips_each_with_one_line(tmp_path):
+    """nibabel's 4D examples, a DICOM SEG, pydicom's RTDOSE (15 tiny frames) and an empty .dcm are skipped, each
+    with one reason that names it; the one real image is still read."""
+    import os
+    import shutil
+    nib_data = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
+    for name in ("example4d.nii.gz", "example_nifti2.nii.gz"):
+        shutil.copy(os.path.join(nib_data, name), tmp_path / name)
+    shutil.copy(pydicom.data.get_testdata_file("rtdose.dcm"), tmp_path / "rtdose.dcm")
+    write_dicom(tmp_path / "seg.dcm", RAMP, Modality="SEG")
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    write_dicom(tmp_path / "ct.dcm", RAMP, Modality="CT")
+    recs, other = data.list_images(tmp_path)
+    assert [r["name"] for r in recs] == ["ct.dcm"]
+    reasons = {os.path.basename(p): why for p, why in other}
+    assert len(other) == 5 and all("\n" not in why for why in reasons.values())
+    assert "4D NIfTI" in reasons["example4d.nii.gz"] and "give one 3D volume" in reasons["example4d.nii.gz"]
+    assert "example_nifti2.nii.gz" in reasons["example_nifti2.nii.gz"]
+    assert "a DICOM SEG object (a segmentation), not an image" in reasons["seg.dcm"]
+    assert "a DICOM RTDOSE object" in reasons["rtdose.dcm"]
+    assert reasons["empty.dcm"].endswith("empty.dcm: empty file (0 bytes)")
+    # a multi-frame image too small to score: one line for the file, its frames counted
+    write_dicom(tmp_path / "tiny.dcm", np.zeros((15, 10, 12)))
+    _, other = data.list_images(tmp_path)
+    assert [why for p, why in other if p.endswith("tiny.dcm")] == \
+        [f"{tmp_path}/tiny.dcm: 15 frame(s) of 12x10 px, smaller than 32 px on a side"]

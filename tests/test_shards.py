@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from baselines import ablation
 from conftest import ROOT
@@ -20,9 +21,12 @@ RUNS = [(mode, seed) for seed in (0, 1) for mode in ("deviation", "latent-noise"
 
 
 def worker(out, tmp_path, *extra):
-    """`python -m baselines.ablation ...` in its own process, with the tests' tiny CLIP registered."""
+    """`python -m baselines.ablation ...` in its own process, with the tests' tiny CLIP registered and this
+    process's torch thread count: sums over other thread counts differ in the last digits (OMP_NUM_THREADS=1 on
+    a cluster would give the workers 1 thread and this process conftest's 2)."""
     argv = PROTOCOL + ["--out", str(out), *extra, "--"] + TRAIN
-    script = (f"import runpy, sys; sys.path.insert(0, 'tests'); import conftest; "
+    script = (f"import runpy, sys, torch; torch.set_num_threads({torch.get_num_threads()}); "
+              f"sys.path.insert(0, 'tests'); import conftest; "
               f"conftest.register_tiny_clip({str(tmp_path)!r}); sys.argv = ['ablation'] + {argv!r}; "
               f"runpy.run_module('baselines.ablation', run_name='__main__')")
     return subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
@@ -99,9 +103,16 @@ def test_the_slurm_script_parses_and_cuts_the_protocol_evenly():
     path = os.path.join(ROOT, "scripts", "ablation.sbatch")
     assert subprocess.run(["bash", "-n", path]).returncode == 0
     text = open(path).read()
-    n = int(text.split("\nN=")[1].split()[0])
-    protocol = text.split('\nPROTOCOL="')[1].split('"')[0].split()
+    n = int(text.split("\nN=${ABLATION_TASKS:-")[1].split("}")[0])
+    protocol = text.split('\nPROTOCOL=${PROTOCOL:-"')[1].split('"')[0].split()
     assert f"#SBATCH --array=1-{n}\n" in text
     args = ablation.parse_args(protocol + ["--shard", f"1/{n}"])
     sizes = [sum(ablation.shard_of(args, u) == i for u in ablation.units(args)) for i in range(1, n + 1)]
     assert len(ablation.units(args)) == 75 and set(sizes) == {3}
+
+
+def test_the_slurm_script_stops_a_task_beyond_the_array_size(tmp_path):
+    path = os.path.join(ROOT, "scripts", "ablation.sbatch")
+    env = dict(os.environ, SLURM_ARRAY_TASK_ID="11", ABLATION_TASKS="10", SLURM_SUBMIT_DIR=str(tmp_path))
+    r = subprocess.run(["bash", path], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "array task 11 > ABLATION_TASKS=10" in r.stderr
