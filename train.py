@@ -152,8 +152,12 @@ def encode_views(views, clip, tokens_model, layers, device, autocast, args):
         print(f"frozen encodings of the {len(views)} views read from {cache}")
         return [t.to(device) for t in cached["real"]], cached["z"].to(device), True
     vae = encode.load_vae(args.vae, args.vae_weights, args.random_init).to(device)
+    t0 = time.time()
+    print(f"encoding the {len(views)} views once: CLIP {args.clip} to block {max(layers)} ...", flush=True)
     real = [t.clone() for t in encode.encode_tokens(tokens_model, views.to(device), clip, autocast=autocast)]
+    print(f"  {time.time() - t0:.0f} s; {args.vae} latents ...", flush=True)
     z = encode.encode_latents(vae, views.to(device), autocast=autocast).clone()          # (k V, c, h, w)
+    print(f"  {time.time() - t0:.0f} s", flush=True)
     if cache:
         os.makedirs(args.cache, exist_ok=True)
         runfiles.save_checkpoint(dict(real=[t.cpu() for t in real], z=z.cpu()), cache)
@@ -238,6 +242,7 @@ def main(args):
     uses_latent = args.synth in ("deviation", "latent-noise", "mix")
     uses_bank = args.synth in ("mediclip", "pixel-noise", "mix")
     if uses_bank:  # pixel-space baselines: a bank of synthesised views, encoded once like the normals
+        print(f"synthesising and encoding a bank of {args.bank} {args.synth} anomalies ...", flush=True)
         bank, bank_masks = encode_bank(views[train_idx], clip, tokens_model, device, autocast, args)
     text_tower = encode.TextTower(clip)
     del tokens_model  # the loop never runs the frozen image encoders
@@ -273,7 +278,12 @@ def main(args):
     zero = torch.zeros((), device=device)
     det_steps, step = 0, 0  # steps in which the detection loss was computed (after eta_theta's warm-up)
     try:
-        for step in (bar := tqdm(range(1, args.steps + 1), desc="train", dynamic_ncols=True)):
+        # eta_theta's warm-up steps are faster than the rest: the bar says so, and its ETA (an average over recent
+        # steps) settles a few steps after the warm-up
+        desc = lambda s: "eta warm-up" if uses_eta and s <= args.eta_warmup else "train"
+        for step in (bar := tqdm(range(1, args.steps + 1), desc=desc(1), dynamic_ncols=True, smoothing=0.1)):
+            if step == args.eta_warmup + 1 and uses_eta:
+                bar.set_description(desc(step))
             with step_autocast():
                 idx = train_idx[torch.randint(len(train_idx), (B,), generator=gen)]
                 z0, tok, fg_b = z_n[idx], [t[idx] for t in real], fg[idx]
