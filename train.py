@@ -278,12 +278,11 @@ def main(args):
     zero = torch.zeros((), device=device)
     det_steps, step = 0, 0  # steps in which the detection loss was computed (after eta_theta's warm-up)
     try:
-        # eta_theta's warm-up steps are faster than the rest: the bar says so, and its ETA (an average over recent
-        # steps) settles a few steps after the warm-up
-        desc = lambda s: "eta warm-up" if uses_eta and s <= args.eta_warmup else "train"
-        for step in (bar := tqdm(range(1, args.steps + 1), desc=desc(1), dynamic_ncols=True, smoothing=0.1)):
+        # eta_theta's warm-up steps are fast: the bar says so, and its ETA (recent steps) settles soon after
+        for step in (bar := tqdm(range(1, args.steps + 1), desc="eta warm-up" if uses_eta and args.eta_warmup else
+                                 "train", dynamic_ncols=True, smoothing=0.1)):
             if step == args.eta_warmup + 1 and uses_eta:
-                bar.set_description(desc(step))
+                bar.set_description("train")
             with step_autocast():
                 idx = train_idx[torch.randint(len(train_idx), (B,), generator=gen)]
                 z0, tok, fg_b = z_n[idx], [t[idx] for t in real], fg[idx]
