@@ -7,9 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 import deviation
 import encode
+import lesions
 import realism
 import train
 from test_train_eval import TINY
@@ -27,7 +29,7 @@ def disc(r=20, cy=64, cx=64):
 
 
 def values(image, mask):
-    return dict(zip(realism.DESCRIPTORS, realism.describe(image, mask)))
+    return dict(zip(realism.DESCRIPTORS, lesions.describe(image, mask)))
 
 
 def test_a_disc_of_known_contrast_and_radius():
@@ -42,7 +44,7 @@ def test_a_disc_of_known_contrast_and_radius():
     assert d["pos_y"] == pytest.approx(0.5, abs=0.02) and d["pos_x"] == pytest.approx(0.5, abs=0.02)
     # a step edge of contrast c: about c / 2 across the outline (central differences)
     assert d["sharpness"] == pytest.approx(0.15, rel=0.35)
-    blurred = torch.from_numpy(realism.ndimage.gaussian_filter(x.numpy(), (0, 3, 3)))
+    blurred = torch.from_numpy(ndimage.gaussian_filter(x.numpy(), (0, 3, 3)))
     assert values(blurred, m)["sharpness"] < 0.6 * d["sharpness"]
 
 
