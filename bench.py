@@ -6,16 +6,22 @@ What the method costs, side by side, in one run on one machine: prints a table a
      loop such as MediCLIP's must add to every step: the ratio (target <= 5 %)
   3. a whole one-shot run of train.py against a MediCLIP-style loop (pixel synthesis + CLIP forward every
      step, same steps, batch, detector and prompts): the ratio of wall times (target >= 10x)
-  4. evaluation: images/s of evaluate.py's path (loading, CLIP, adapters, maps) against a bare CLIP forward to
-     the deepest block on the same images: the overhead (target <= 10 %); data loading alone is shown too
+  4. evaluation: seconds per image of evaluate.py's path (loading, CLIP, adapters, maps, scores) against a bare
+     CLIP forward to the deepest block on the same images: the overhead (target <= 10 %). The prompts' text
+     features, computed once per run, are timed apart (eval_setup_s) and shown with the overhead they add on
+     this bench's few images; data loading alone is shown too
   5. peak resident memory of train.py and evaluate.py, each in its own process (target < 4 GiB for ViT-L-14)
+  6. with --volumes: evaluate.py per study on a 2 mm brain MRI and a CT-sized volume (512 x 512 x 300), the
+     frozen forward in fp32 and in bf16, and how far bf16's slice scores and map volume are from fp32's
 
 Random weights (timing does not depend on them) and the synthetic set (no download).
 
     python bench.py --quick        # ViT-B-16, small work: about a minute
     python bench.py                # ViT-B-16 and ViT-L-14
+    python bench.py --volumes      # and the per-study times of volumes
 """
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -23,8 +29,10 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
+import augment
 import data
 import encode
 import evaluate
@@ -47,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--views", type=int, default=16, help="views per shot of the train.py runs")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: the default)")
     p.add_argument("--bf16", action="store_true", help="time train.py --bf16 (the MediCLIP-style loop stays fp32)")
+    p.add_argument("--volumes", action="store_true", help="also time evaluate.py per study on a 2 mm brain MRI and a "
+                   "CT-sized volume, fp32 and bf16 frozen forwards, and their agreement (minutes for ViT-L-14)")
     p.add_argument("--out", default="bench.json", help="where the figures go")
     args = p.parse_args(argv)
     if args.quick:
@@ -128,19 +138,26 @@ def bench_backbone(name, args, tmp):
     with open(os.path.join(os.path.dirname(path), "timings.json")) as f:
         row["train_step_s"] = json.load(f)["train_s"] / args.steps
     row["step_over_clip_forward"] = row["train_step_s"] / row["clip_forward_batch_s"]
-    views = data.augment_views(data.load_images(data.sample_shots(data.load_split("synthetic", "", "train"), 1, 0),
+    views = augment.augment_views(data.load_images(data.sample_shots(data.load_split("synthetic", "", "train"), 1, 0),
                                                 S)[0], args.views, 0)
     row["mediclip_style_run_s"] = mediclip_style_run(name, layers, views, args.steps, args.batch_size)
     row["speedup_vs_mediclip_style"] = row["mediclip_style_run_s"] / row["train_run_s"]
 
-    # 4. evaluation against the bare backbone
-    ev = evaluate.parse_args(["--ckpt", path, "--batch-size", "16"])
+    # 4. evaluation against the bare backbone; rounds interleaved so that a busy spell on a shared machine hits
+    # both, best of each. The prompts' text features are computed once per run (not per image): timed apart.
+    ev = evaluate.parse_args(["--ckpt", path, "--batch-size", "16", "--precision", "fp32"])   # as the bare forward
     det = mediclip.build_mediclip(clip, len(layers)).eval()
     row["load_s_per_image"] = timed(lambda: data.load_images(records, S)) / len(records)
-    row["bare_clip_s_per_image"] = timed(lambda: encode.encode_tokens(tokens_model, images, clip), 2) / len(images)
-    row["eval_s_per_image"] = timed(lambda: evaluate.predict(records, clip, [det], layers, ev, torch.device("cpu")),
-                                    2) / len(records)
+    with torch.inference_mode():
+        row["eval_setup_s"] = timed(lambda: det.text_features(encode.TextTower(clip)), 2)
+    bare, whole = float("inf"), float("inf")
+    for _ in range(3):
+        bare = min(bare, timed(lambda: encode.encode_tokens(tokens_model, images, clip)))
+        whole = min(whole, timed(lambda: evaluate.predict(records, clip, [det], layers, ev, torch.device("cpu"))))
+    row["bare_clip_s_per_image"] = bare / len(images)
+    row["eval_s_per_image"] = (whole - row["eval_setup_s"]) / len(records)
     row["eval_overhead"] = row["eval_s_per_image"] / row["bare_clip_s_per_image"] - 1
+    row["eval_overhead_incl_setup"] = whole / bare - 1
 
     # 5. peak memory, each in its own process
     row["train_peak_gib"], _ = peak_rss_gib("train.py", ["--data", "synthetic", "--shots", "1", "--random-init",
@@ -149,6 +166,50 @@ def bench_backbone(name, args, tmp):
                                                          "--out", os.path.join(tmp, "m")])
     row["eval_peak_gib"], _ = peak_rss_gib("evaluate.py", ["--ckpt", os.path.join(tmp, "m", "run.pt"),
                                                            "--overlays", "0"])
+    if args.volumes:
+        row.update(bench_volumes(path, tmp))
+    return row
+
+
+def write_volumes(tmp):
+    """A 2 mm brain MRI (the MNI152 template, 99 x 117 x 95) and a CT-sized volume (the same at 512 x 512 x 300)."""
+    from scipy import ndimage
+    import toy_volumes
+    v, a = toy_volumes.normal_study(np.random.default_rng(0))
+    brain = toy_volumes.save_nifti(v, a, os.path.join(tmp, "brain", "brain.nii.gz"))
+    zoom = np.array([512, 512, 300]) / v.shape
+    big = ndimage.zoom(v, zoom, order=1)
+    ct = toy_volumes.save_nifti(big, a @ np.diag(list(1 / zoom) + [1]), os.path.join(tmp, "ct", "ct.nii.gz"))
+    return dict(brain=brain, ct=ct)
+
+
+def bench_volumes(ckpt, tmp):
+    """Seconds per study of evaluate.py (reading, slices with anatomy, CLIP, maps, studies.csv and the map
+    volume; the model's loading timed apart), fp32 and bf16 frozen forwards, and how far bf16's maps and scores are
+    from fp32's."""
+    import nibabel as nib
+    from scipy.stats import spearmanr
+    row, outs = {}, {}
+    for kind, path in write_volumes(tmp).items():
+        for precision in ("fp32", "bf16"):
+            out = os.path.join(tmp, f"{kind}-{precision}")
+            t = time.perf_counter()
+            evaluate.load_models([ckpt], evaluate.parse_args(["--ckpt", ckpt]), torch.device("cpu"))
+            load = time.perf_counter() - t
+            t = time.perf_counter()
+            evaluate.main(evaluate.parse_args(["--ckpt", ckpt, "--images", os.path.dirname(path), "--out", out,
+                                               "--overlays", "0", "--precision", precision]))
+            row[f"{kind}_study_s_{precision}"] = time.perf_counter() - t - load
+            outs[precision] = out
+        with open(os.path.join(outs["fp32"], "studies.csv")) as f:
+            row[f"{kind}_slices_scored"] = float(list(csv.DictReader(f))[0]["slices_scored"])
+        s32, s16 = (np.loadtxt(os.path.join(outs[p], "scores.csv"), delimiter=",", skiprows=1, usecols=3, ndmin=1)
+                    for p in ("fp32", "bf16"))
+        m32, m16 = (nib.load(os.path.join(outs[p], "maps", os.path.basename(path))).get_fdata()
+                    for p in ("fp32", "bf16"))
+        row[f"{kind}_bf16_max_abs_score_diff"] = float(np.abs(s32 - s16).max())
+        row[f"{kind}_bf16_score_spearman"] = float(spearmanr(s32, s16)[0]) if len(s32) > 2 else float("nan")
+        row[f"{kind}_bf16_max_abs_map_diff"] = float(np.abs(m32 - m16).max())
     return row
 
 
@@ -163,9 +224,9 @@ def main(args):
                             cuda=torch.cuda.is_available()), args=vars(args), rows=rows)
     runfiles.write_json(out, args.out)
     keys = [k for k in rows[0] if k != "clip"]
-    print(f"{'':28s}" + "".join(f"{r['clip']:>14s}" for r in rows))
+    print(f"{'':30s}" + "".join(f"{r['clip']:>14s}" for r in rows))
     for k in keys:
-        print(f"{k:28s}" + "".join(f"{r[k]:14.3f}" for r in rows))
+        print(f"{k:30s}" + "".join(f"{r[k]:14.3f}" for r in rows))
     print(f"wrote {args.out}")
     return out
 

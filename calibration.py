@@ -15,7 +15,8 @@ Calibration of image scores into probabilities, and the decisions made with them
     calibration.ece(p, test_labels), calibration.operating_point(p, test_labels, classes, 0.5)
 
 The few-shot calibration set itself is made at the end of train.py (calibration_set, below): the top CAL_TOP map
-values of the shots' views and of as many fresh synthetic anomalies, scored by the trained detector.
+values of the shots' views and of as many fresh synthetic anomalies, scored by the trained detector. What a test
+run fits on (evaluate.py) is chosen by calibrate, at the end: each checkpoint's few-shot set, or a labelled split.
 """
 import textwrap
 
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
+
+import mediclip
 
 ECE_BINS = 15  # Guo et al. 2017
 
@@ -149,3 +152,51 @@ def score_tops(det, text, S, n, tokens_of, batch):
         probs = det(tokens_of(slice(i, min(i + batch, n))), text, S)             # (b, 2, S, S)
         tops.append(probs[:, 1].flatten(1).topk(CAL_TOP, dim=1).values.float().cpu())
     return torch.cat(tops)                                                      # (n, CAL_TOP)
+
+
+# ---------------------------------------------------------------------------------------------- evaluate.py
+# which data the calibration is fitted on, for a test run: the checkpoints' few-shot sets or a labelled split
+def checkpoint_set(ckpt, topk, path):
+    """Image scores (the --topk definition) and labels of a checkpoint's few-shot calibration set, or None."""
+    cal = ckpt.get("calibration")
+    if cal is None:
+        return None
+    tops = torch.cat([cal["normal"], cal["anomalous"]]).double()   # (n, CAL_TOP) largest map values, descending
+    if topk > tops.shape[1]:
+        raise ValueError(f"{path}: its calibration set keeps the top {tops.shape[1]} map values; --topk {topk} "
+                         f"needs more (use --calib-split, or a smaller --topk)")
+    labels = np.r_[np.zeros(len(cal["normal"])), np.ones(len(cal["anomalous"]))]
+    return mediclip.scores_from_top(tops, topk).numpy(), labels
+
+
+def calibrate(member_scores, labels, fit, ckpts, paths, args):
+    """Calibrated P(anomalous) of every image, and the probabilities and labels of the data it was fitted on.
+    --calib-split: one Platt fit on the (mean) score of the labelled test images in `fit`. Otherwise each
+    checkpoint's own few-shot set, the members' probabilities averaged as in a deep ensemble. None if neither."""
+    if args.calib_split:
+        if len(set(labels[fit])) < 2:
+            raise ValueError(f"--calib-split {args.calib_split} leaves no normal or no anomalous image to fit on")
+        s = member_scores.mean(0)
+        ab = fit_platt(s[fit], labels[fit])
+        info = dict(method="platt", fitted_on=f"labelled test fraction {args.calib_split} (seed {args.seed}), "
+                    f"left out of every reported number", n_normal=int((labels[fit] == 0).sum()),
+                    n_anomalous=int(labels[fit].sum()), params=[ab],
+                    warning=check_fit(s[fit], labels[fit], ab))
+        return apply_platt(s, ab), apply_platt(s[fit], ab), labels[fit], info
+    sets = [checkpoint_set(c, args.topk, p) for c, p in zip(ckpts, paths)]
+    if not sets or any(x is None for x in sets):
+        return None, None, None, dict(method=None, reason="no checkpoint, or one without a calibration set "
+                                      "(retrain, or use --calib-split)")
+    params = [fit_platt(s, y) for s, y in sets]
+    probs = np.mean([apply_platt(s, ab) for s, ab in zip(member_scores, params)], axis=0)
+    fit_probs = np.concatenate([apply_platt(s, ab) for (s, _), ab in zip(sets, params)])
+    fit_labels = np.concatenate([y for _, y in sets])
+    cfg = ckpts[0]["config"]
+    whose = "its own" if len(ckpts) == 1 else f"each of the {len(ckpts)} checkpoints' own"
+    info = dict(method="platt", fitted_on=f"few-shot ({whose} calibration set: the views of the {cfg['shots']} "
+                f"shot(s) and synthetic '{cfg['synth']}' anomalies from {cfg['data']}, see train.py); no test label "
+                f"was used",
+                n_normal=int((fit_labels == 0).sum()), n_anomalous=int(fit_labels.sum()), params=params,
+                warning="; ".join(sorted({w for (s, y), ab in zip(sets, params)
+                                          if (w := check_fit(s, y, ab))})) or None)
+    return probs, fit_probs, fit_labels, info

@@ -7,9 +7,9 @@ Every split is a sorted list of plain dict records:
 
 Usage:
     recs = load_split("busi", "/work/shared/data", "test")      # MediCLIP or MVFA layout, or "synthetic"
-    shots = sample_shots(load_split("busi", root, "train"), k=1, seed=0)
+    shots = sample_shots(load_split("busi", root, "train"), k=1, seed=0)   # k studies, each a list of records
     x, m = load_images(recs, size=224)                           # (B,3,S,S) in [0,1], (B,1,S,S) in {0,1}
-    views = augment_views(load_images(shots, 224)[0], n_views=8, seed=0)
+(the shots' augmented views are views.py's)
 
 Layouts understood under <root>/<name>:
     MediCLIP: samples/{train,test}.json (one JSON object per line) + images/
@@ -27,6 +27,7 @@ from PIL import Image, ImageOps
 
 import phantoms
 import scans
+import series
 
 DATASETS = ("brainmri", "busi", "chexpert", "synthetic")
 # where the public datasets come from: MediCLIP's data README packages each in the layout read here
@@ -49,12 +50,24 @@ def _record(name, label, cls, path=None, mask_path=None, image=None, mask=None, 
             "mask": mask, "index": index, "scan": scan}
 
 
-SCAN_DEFAULTS = dict(axis="axial", window=None, skip_empty=False)
+# skip_empty: only the slices of a volume that hold anatomy; stride: then every stride-th of them
+SCAN_DEFAULTS = dict(axis="axial", window=None, skip_empty=True, stride=1)
+
+
+def has_anatomy(img):
+    """More than 1 % of the slice brighter than 5 % of the window: not air, not an empty end of the volume."""
+    return (img > 0.05).mean() > 0.01
+
+
+def select_slices(read, n, scan):
+    """The indices of a volume's slices to score: with skip_empty those with anatomy, then every stride-th."""
+    keep = [i for i in range(n) if has_anatomy(read(i))] if scan["skip_empty"] and n > 1 else list(range(n))
+    return keep[::scan["stride"]]
 
 
 def scan_records(path, name, label, cls, mask_path=None, scan=None):
     """One record per image a file holds: itself, or each frame of a multi-frame DICOM (FILE#f=K) or slice of
-    a NIfTI volume (FILE#z=K for axial; with skip_empty, only slices with anatomy in them)."""
+    a NIfTI volume (FILE#z=K for axial; by default only slices with anatomy in them, select_slices)."""
     if not scans.is_scan(path):
         return [_record(name, label, cls, path, mask_path)]
     scan = dict(SCAN_DEFAULTS, **(scan or {}))
@@ -63,12 +76,38 @@ def scan_records(path, name, label, cls, mask_path=None, scan=None):
         if scans.is_dicom(path) and min(size := scans.dicom_size(path)) < MIN_SIDE:   # one line per file
             raise DataError(f"{path}: {n} frame(s) of {size[1]}x{size[0]} px, smaller than {MIN_SIDE} px on a side")
         keep = range(n)
-        if scan["skip_empty"] and scans.is_nifti(path) and n > 1:
-            keep = [i for i in keep if (scans.read_scan(path, i, scan["axis"], scan["window"]) > 0.05).mean() > 0.01]
+        if scans.is_nifti(path):
+            keep = select_slices(lambda i: scans.read_scan(path, i, scan["axis"], scan["window"]), n, scan)
     except scans.ScanError as e:
         raise DataError(str(e)) from None
     return [_record(name if n == 1 else f"{name}#{letter}={i}", label, cls, path, mask_path, index=i, scan=scan)
             for i in keep]
+
+
+def series_records(s, label, cls, scan=None):
+    """One record per slice of a DICOM series (SERIES#z=K, K in order along the slice normal), selected as
+    select_slices says; each carries the series (its files, identity and geometry: series.py)."""
+    scan = dict(SCAN_DEFAULTS, **(scan or {}))
+    try:
+        keep = select_slices(lambda i: series.read_slice(s["files"], i, scan["window"]), len(s["files"]), scan)
+    except scans.ScanError as e:
+        raise DataError(str(e)) from None
+    return [dict(_record(f"{s['name']}#z={i}", label, cls, s["files"][i], index=i, scan=scan), series=s)
+            for i in keep]
+
+
+def folder_records(folder, root, label, cls, scan=None):
+    """The DICOM series in a folder given as one entry of a labelled split (MVFA's img/, a MediCLIP filename):
+    its series' records; anything that is not one sound series fails, naming it."""
+    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if not f.startswith("."))
+    found, singles, bad = series.find_series([p for p in paths if scans.is_dicom(p)], root)
+    if bad or singles or not found:
+        why = bad[0][1] if bad else f"{singles[0] if singles else folder}: not part of a DICOM series of 2+ files"
+        raise DataError(f"{folder}: listed as a study, but {why}")
+    for s in found:
+        for line in s["notes"]:
+            print(f"note: {line}")
+    return [r for s in found for r in series_records(s, label, cls, scan)]
 
 
 def _one_line(e):
@@ -77,6 +116,11 @@ def _one_line(e):
 
 # -----------------------------------------------------------------------------
 # splits
+
+def study_of(rec):
+    """A record's study: its DICOM series, NIfTI volume or (multi-frame) file; a plain image is its own."""
+    return rec["name"].split("#")[0]
+
 
 def in_order(recs):
     """Records sorted by name, the frames and slices of one file by their number (z=2 before z=10)."""
@@ -141,10 +185,11 @@ def _mediclip(base, json_path, scan=None):
             path = os.path.join(images, fn)
             mask = os.path.join(images, item["mask"]) if item.get("mask") else None
             for p in (path, mask):
-                if p is not None and not os.path.isfile(p):
+                if p is not None and not os.path.isfile(p) and not (p == path and os.path.isdir(p)):
                     raise DataError(f"{p}: listed in {where} but missing")
             cls = item.get("clsname") or ("normal" if label == 0 else "abnormal")
-            recs.extend(scan_records(path, fn, label, cls, mask, scan))
+            recs.extend(folder_records(path, images, label, cls, scan) if os.path.isdir(path) else
+                        scan_records(path, fn, label, cls, mask, scan))
     return recs
 
 
@@ -154,11 +199,12 @@ def _is_mvfa(base):
 
 
 def _image_files(folder):
-    """Image and scan files directly inside folder (not recursive), sorted."""
+    """Image and scan files, and folders (DICOM series), directly inside folder (not recursive), sorted."""
     if not os.path.isdir(folder):
         return []
     return sorted(f for f in os.listdir(folder) if not f.startswith(".") and
-                  (f.lower().endswith(IMAGE_EXTS) or scans.is_scan(os.path.join(folder, f))))
+                  (f.lower().endswith(IMAGE_EXTS) or os.path.isdir(os.path.join(folder, f)) or
+                   scans.is_scan(os.path.join(folder, f))))
 
 
 def _mvfa(base, split, scan=None):
@@ -173,32 +219,46 @@ def _mvfa(base, split, scan=None):
             masks = [os.path.join(gdir, d, fn) for d in MASK_DIRS] if label == 1 else []
             mask = next((m for m in masks if os.path.isfile(m)), None)
             name = os.path.relpath(path, base).replace(os.sep, "/")
-            recs.extend(scan_records(path, name, label, cls, mask, scan))
+            recs.extend(folder_records(path, base, label, cls, scan) if os.path.isdir(path) else
+                        scan_records(path, name, label, cls, mask, scan))
     return recs
 
 
 def list_images(folder, scan=None):
-    """Records of the image and scan files under folder (recursive; a record per frame or slice of a scan), and
+    """Records of the image and scan files under folder (recursive): a record per image, per frame of a DICOM
+    file or slice of a NIfTI volume, per slice of a DICOM series (its files in any subfolders, series.py), and
     (path, reason) of every other file in it: formats not read here are said, not dropped silently, and so are
-    scans whose header cannot be read. Hidden files are passed over."""
+    scans whose header cannot be read and series that cannot be read as a volume. Hidden files are passed over."""
     folder = os.fspath(folder)
-    recs, other = [], []
+    files, other = [], []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
         for fn in sorted(filenames):
             path = os.path.join(dirpath, fn)
             if fn.startswith("."):
                 continue
-            name = os.path.relpath(path, folder).replace(os.sep, "/")
             if not fn.lower().endswith(IMAGE_EXTS) and not scans.is_scan(path):
                 ext = os.path.splitext(fn)[1] or "(no extension)"
                 other.append((path, f"{path}: {ext} is not a format read here ({', '.join(IMAGE_EXTS)}, "
                                     f"DICOM, NIfTI)"))
                 continue
-            try:
-                recs.extend(scan_records(path, name, -1, "unknown", scan=scan))
-            except DataError as e:
-                other.append((path, str(e)))
+            files.append(path)
+    found, singles, bad = series.find_series([p for p in files if scans.is_dicom(p)], folder)
+    other += bad
+    recs = []
+    for s in found:
+        for line in s["notes"]:
+            print(f"note: {line}")
+        try:
+            recs.extend(series_records(s, -1, "unknown", scan))
+        except DataError as e:
+            other.append((os.path.join(folder, s["folder"]), str(e)))
+    for path in [p for p in files if not scans.is_dicom(p)] + singles:
+        try:
+            recs.extend(scan_records(path, os.path.relpath(path, folder).replace(os.sep, "/"), -1, "unknown",
+                                     scan=scan))
+        except DataError as e:
+            other.append((path, str(e)))
     if not recs:
         found = f"; {len(other)} file(s) of other formats, e.g. {other[0][0]}" if other else ""
         raise DataError(f"{folder}: no images here (missing or empty folder; looked for {', '.join(IMAGE_EXTS)})"
@@ -207,14 +267,19 @@ def list_images(folder, scan=None):
 
 
 def sample_shots(records, k, seed):
-    pool = sorted((r for r in records if r["label"] == 0), key=lambda r: r["name"])
+    """k normal studies (every record of the study label 0; a plain image is a study of one), drawn from seed:
+    a list of k lists of records."""
+    studies = {}
+    for r in records:
+        studies.setdefault(study_of(r), []).append(r)
+    pool = sorted(name for name, recs in studies.items() if all(r["label"] == 0 for r in recs))
     if not 1 <= k <= len(pool):
         paths = [os.path.dirname(r["path"]) for r in records if r.get("path")]
         src = f" from {os.path.commonpath(paths)}" if paths else ""
-        raise DataError(f"sample_shots: k={k} but the pool holds {len(pool)} normal (label-0) records "
-                        f"out of {len(records)} given{src}")
+        raise DataError(f"--shots {k}, but there are {len(pool)} normal (label-0) studies among the {len(studies)} "
+                        f"given{src}")
     idx = np.random.default_rng(seed).choice(len(pool), k, replace=False)
-    return [pool[i] for i in idx]
+    return [in_order(studies[pool[i]]) for i in idx]
 
 
 # -----------------------------------------------------------------------------
@@ -262,6 +327,12 @@ def read_image(rec):
     if rec.get("image") is not None:
         src = rec["name"]
         img = _array_to_rgb(rec["image"], src)
+    elif rec.get("series") is not None:                # a slice of a DICOM series, windowed with its volume
+        src, scan = rec["path"], rec["scan"]
+        try:
+            img = _array_to_rgb(series.read_slice(rec["series"]["files"], rec["index"], scan["window"]), src)
+        except scans.ScanError as e:
+            raise DataError(str(e)) from None
     elif rec.get("index") is not None:                 # a DICOM frame or a NIfTI slice
         src, scan = rec["path"], rec["scan"]
         try:
@@ -320,33 +391,3 @@ def load_images(records, size):
         # nearest-exact samples pixel centres like PIL's NEAREST (plain "nearest" shifts by half a pixel)
         ms.append(F.interpolate(m, size=(size, size), mode="nearest-exact"))
     return torch.cat(xs).clamp(0, 1), torch.cat(ms)
-
-
-# -----------------------------------------------------------------------------
-# augmentation of the few normal shots
-
-def augment_views(x, n_views, seed):
-    """(k,3,S,S) -> (k*n_views,3,S,S), shot-major; view 0 of each shot is the image itself."""
-    if n_views < 1:
-        raise DataError(f"augment_views: n_views must be >= 1, got {n_views}")
-    g = torch.Generator().manual_seed(seed)
-    xv = x.repeat_interleave(n_views, dim=0)  # shot-major
-    n = xv.shape[0]
-
-    def u(lo, hi):
-        return lo + (hi - lo) * torch.rand(n, generator=g)
-
-    ang, scale = torch.deg2rad(u(-15, 15)), u(0.9, 1.1)
-    tx, ty = u(-0.1, 0.1), u(-0.1, 0.1)  # grid coords span 2, so 0.1 = 5 % of the side
-    flip = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
-    gamma, bright = u(0.9, 1.1), u(0.9, 1.1)
-    cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
-    # theta maps output coords to input coords: rotate/scale after an optional horizontal flip
-    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1),
-                         torch.stack([sin * flip, cos, ty], 1)], 1).to(x.device, x.dtype)
-    grid = F.affine_grid(theta, list(xv.shape), align_corners=False)
-    out = F.grid_sample(xv, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp(0, 1)
-    out = (out ** gamma.to(x)[:, None, None, None] * bright.to(x)[:, None, None, None]).clamp(0, 1)
-    keep = torch.arange(n, device=x.device) % n_views == 0
-    out[keep] = xv[keep]
-    return out

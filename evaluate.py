@@ -26,6 +26,7 @@ This file is the pipeline: checkpoints -> model -> maps and scores -> report fil
 metrics.py (AUROC, AP, AUPRO, bootstrap CIs, ROC figure) and calibration.py (Platt, ECE, operating points).
 """
 import argparse
+import contextlib
 import csv
 import os
 import sys
@@ -40,7 +41,9 @@ import encode
 import exports
 import mediclip
 import metrics
-from runfiles import CheckpointError, bf16_autocast, check_writable, code_version, load_checkpoint, pick_device, write_json
+import studies
+from runfiles import (CheckpointError, bf16_autocast, check_writable, code_version, cpu_bf16_native, load_checkpoint,
+                      pick_device, write_json)
 from train import resolve_layers, scan_options
 from weights import sha256
 
@@ -59,7 +62,12 @@ def parse_args(argv=None):
                    "window (centre, width) (default: the checkpoint's; else the file's own, else its percentiles)")
     p.add_argument("--slice-axis", default=None, choices=["axial", "coronal", "sagittal"],
                    help="NIfTI volumes: the axis they are sliced along (default: the checkpoint's, else axial)")
-    p.add_argument("--skip-empty-slices", action="store_true", help="NIfTI volumes: only slices with anatomy in them")
+    p.add_argument("--all-slices", action="store_true", help="volumes and series: score every slice (default: only "
+                   "slices with anatomy, data.has_anatomy; the others get 0 in the map volume)")
+    p.add_argument("--slice-stride", type=int, default=1, help="volumes and series: score every N-th slice with "
+                   "anatomy (the others get 0 in the map volume)")
+    p.add_argument("--study-score", default="max", choices=studies.RULES, help="a study's score from its slices: "
+                   "max (of the slice scores) or top-voxels (mean of the top 0.1%% of the stacked map); studies.py")
     # model
     p.add_argument("--ckpt", nargs="+", default=None, help="checkpoint(s) written by train.py; several (one per "
                    "support-set seed, same backbone) are reported one by one and as an ensemble")
@@ -83,8 +91,15 @@ def parse_args(argv=None):
     p.add_argument("--overlays", type=int, default=8, help="number of overlay PNGs to write")
     p.add_argument("--save-maps", action="store_true", help="export every anomaly map in its input's geometry: "
                    "maps/<name>.npz, or maps/<file>.nii.gz for a NIfTI volume")
+    p.add_argument("--mood-out", default=None, help="with --images: also write MOOD's submission files for every "
+                   "NIfTI there into this folder (--mood-task)")
+    p.add_argument("--mood-task", default="sample", choices=["sample", "pixel"], help="MOOD: <name>.nii.gz.txt with "
+                   "the study score, or <name>.nii.gz with voxel scores on the input's grid")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="the frozen CLIP forward: "
+                   "auto is bf16 on CUDA and on a CPU with native bf16 (avx512_bf16, amx_bf16), else fp32; the "
+                   "adapters and maps stay fp32")
     return p.parse_args(argv)
 
 
@@ -155,6 +170,13 @@ def load_models(paths, args, device):
     return ckpts, clip.to(device), layers, backbone, dets
 
 
+def frozen_bf16(args, device):
+    """Whether the frozen CLIP forward runs in bf16 (--precision; auto: where the hardware has it)."""
+    if getattr(args, "precision", "auto") == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_bf16_native())
+    return args.precision == "bf16"
+
+
 @torch.inference_mode()
 def predict(records, clip, dets, layers, args, device):
     """Anomaly maps (M, N, S, S) float16 and image scores (M, N) of M detectors on N records, and the masks
@@ -163,7 +185,7 @@ def predict(records, clip, dets, layers, args, device):
     tokens_model = encode.CLIPTokens(clip, layers)
     tower = encode.TextTower(clip)
     texts = [det.text_features(tower) for det in dets]             # (E, 2) each, once for all images
-    autocast = bf16_autocast(device)
+    autocast = bf16_autocast(device, on_cpu=True) if frozen_bf16(args, device) else contextlib.nullcontext
     maps, scores, masks = [[] for _ in dets], [[] for _ in dets], []
     for i in tqdm(range(0, len(records), args.batch_size), desc="evaluate", dynamic_ncols=True):
         images, m = data.load_images(records[i:i + args.batch_size], S)
@@ -175,54 +197,6 @@ def predict(records, clip, dets, layers, args, device):
         masks.append(m[:, 0].bool())
     return (np.stack([torch.cat(m).numpy() for m in maps]), np.stack([torch.cat(s).numpy() for s in scores]),
             torch.cat(masks).numpy())
-
-
-# ---------------------------------------------------------------------------------------------- calibration
-# which data the calibration is fitted on, for these checkpoints; the maths is in calibration.py
-def calibration_set(ckpt, topk, path):
-    """Image scores (the --topk definition) and labels of a checkpoint's few-shot calibration set, or None."""
-    cal = ckpt.get("calibration")
-    if cal is None:
-        return None
-    tops = torch.cat([cal["normal"], cal["anomalous"]]).double()   # (n, CAL_TOP) largest map values, descending
-    if topk > tops.shape[1]:
-        raise ValueError(f"{path}: its calibration set keeps the top {tops.shape[1]} map values; --topk {topk} "
-                         f"needs more (use --calib-split, or a smaller --topk)")
-    labels = np.r_[np.zeros(len(cal["normal"])), np.ones(len(cal["anomalous"]))]
-    return mediclip.scores_from_top(tops, topk).numpy(), labels
-
-
-def calibrate(member_scores, labels, fit, ckpts, paths, args):
-    """Calibrated P(anomalous) of every image, and the probabilities and labels of the data it was fitted on.
-    --calib-split: one Platt fit on the (mean) score of the labelled test images in `fit`. Otherwise each
-    checkpoint's own few-shot set, the members' probabilities averaged as in a deep ensemble. None if neither."""
-    if args.calib_split:
-        if len(set(labels[fit])) < 2:
-            raise ValueError(f"--calib-split {args.calib_split} leaves no normal or no anomalous image to fit on")
-        s = member_scores.mean(0)
-        ab = calibration.fit_platt(s[fit], labels[fit])
-        info = dict(method="platt", fitted_on=f"labelled test fraction {args.calib_split} (seed {args.seed}), "
-                    f"left out of every reported number", n_normal=int((labels[fit] == 0).sum()),
-                    n_anomalous=int(labels[fit].sum()), params=[ab],
-                    warning=calibration.check_fit(s[fit], labels[fit], ab))
-        return calibration.apply_platt(s, ab), calibration.apply_platt(s[fit], ab), labels[fit], info
-    sets = [calibration_set(c, args.topk, p) for c, p in zip(ckpts, paths)]
-    if not sets or any(x is None for x in sets):
-        return None, None, None, dict(method=None, reason="no checkpoint, or one without a calibration set "
-                                      "(retrain, or use --calib-split)")
-    params = [calibration.fit_platt(s, y) for s, y in sets]
-    probs = np.mean([calibration.apply_platt(s, ab) for s, ab in zip(member_scores, params)], axis=0)
-    fit_probs = np.concatenate([calibration.apply_platt(s, ab) for (s, _), ab in zip(sets, params)])
-    fit_labels = np.concatenate([y for _, y in sets])
-    cfg = ckpts[0]["config"]
-    whose = "its own" if len(ckpts) == 1 else f"each of the {len(ckpts)} checkpoints' own"
-    info = dict(method="platt", fitted_on=f"few-shot ({whose} calibration set: the views of the {cfg['shots']} "
-                f"shot(s) and synthetic '{cfg['synth']}' anomalies from {cfg['data']}, see train.py); no test label "
-                f"was used",
-                n_normal=int((fit_labels == 0).sum()), n_anomalous=int(fit_labels.sum()), params=params,
-                warning="; ".join(sorted({w for (s, y), ab in zip(sets, params)
-                                          if (w := calibration.check_fit(s, y, ab))})) or None)
-    return probs, fit_probs, fit_labels, info
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -267,7 +241,9 @@ def main(args):
         raise CheckpointError("give --ckpt FILE, or --zero-shot")
     if not 0 <= args.calib_split < 1 or (args.calib_split and args.images):
         raise ValueError("--calib-split takes a fraction in [0, 1) of a labelled test set (not --images)")
-    for flag, least in (("batch_size", 1), ("overlays", 0), ("bootstrap", 0), ("topk", 0)):
+    if args.mood_out and not args.images:
+        raise ValueError("--mood-out writes MOOD's files for the volumes of --images IN; give --images")
+    for flag, least in (("batch_size", 1), ("overlays", 0), ("bootstrap", 0), ("topk", 0), ("slice_stride", 1)):
         if getattr(args, flag) < least:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
     paths = [] if args.zero_shot else args.ckpt
@@ -339,9 +315,9 @@ def write_report(out, name, records, maps, member_scores, masks, ckpts, paths, b
     score = member_scores.mean(0)                                                      # the ensemble: mean score
     labels, classes = np.array([r["label"] for r in records]), np.array([r["cls"] for r in records])
     fit = np.zeros(len(labels), bool)                    # images used to fit the calibration, left out of the report
-    if args.calib_split:
-        fit = calibration.split_for_calibration(labels, args.calib_split, args.seed)
-    probs, fit_probs, fit_labels, cal = calibrate(member_scores, labels, fit, ckpts, paths, args)
+    if args.calib_split:                                 # by study: no volume on both sides (2D: by image)
+        fit, _ = studies.split_by_study(records, studies.group(records), args.calib_split, args.seed)
+    probs, fit_probs, fit_labels, cal = calibration.calibrate(member_scores, labels, fit, ckpts, paths, args)
     thresholds = {} if probs is None else {
         "p>=0.5": 0.5,
         f"sensitivity>={args.target_sensitivity:g}": calibration.threshold_for_sensitivity(fit_probs, fit_labels,
@@ -362,6 +338,11 @@ def write_report(out, name, records, maps, member_scores, masks, ckpts, paths, b
     print(f"wrote {out}/scores.csv and {len(picks)} overlays")
     if args.save_maps:
         exports.save_maps(out, records, mean_map, score, probs)
+    groups, study_score, study_y, fit_study, _ = studies.verdicts(out, records, mean_map, score, probs, fit, args)
+    print(f"wrote {out}/studies.csv ({len(groups)} studies)")
+    if args.mood_out:
+        files = studies.mood_export(args.mood_out, args.mood_task, records, groups, study_score, mean_map)
+        print(f"wrote {len(files)} MOOD {args.mood_task} file(s) into {args.mood_out}")
     if args.images:
         if backbone["random_init"]:
             print(f"WARNING: {RANDOM_WEIGHTS}")
@@ -397,12 +378,17 @@ def write_report(out, name, records, maps, member_scores, masks, ckpts, paths, b
             if key.startswith("sensitivity>="):
                 op["target_sensitivity"] = args.target_sensitivity
             report["operating_points"][key] = op
+    if any(len(idx) > 1 for _, idx in groups):           # volumes or series: per study as well as per slice
+        report["studies"] = studies.study_metrics(study_score, study_y, np.array([classes[i[0]] for _, i in groups]),
+                                                  ~fit_study, args.bootstrap, args.seed)
+        report["studies"]["rule"] = args.study_score
     report["anomalib"] = metrics.anomalib_metrics(report, report["operating_points"].get("p>=0.5"))
     # the ROC is of the (mean) score; an ensemble's operating points are on the mean calibrated probability, so
     # they may sit just off its curve
     metrics.plot_roc(os.path.join(out, "roc.png"), score[keep], y, cls, report, report["operating_points"])
     report["conditions"] = dict(describe_checkpoints(ckpts, paths), **backbone, test_data=name,
-                                 image_score="max" if args.topk <= 0 else f"top{args.topk}", code_version=code_version())
+                                 image_score="max" if args.topk <= 0 else f"top{args.topk}", code_version=code_version(),
+                                 clip_forward="bf16" if frozen_bf16(args, pick_device(args.device)) else "fp32")
     report["warnings"] = report_warnings(report, ckpts, name)
     if backbone["random_init"]:
         report["warning"] = RANDOM_WEIGHTS          # kept for readers of older reports; also first in warnings

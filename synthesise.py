@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+import augment
 import data
 import deviation
 import encode
@@ -164,14 +165,16 @@ def write_figure(path, x0, x_l, x_c, mask_img, tile):
 def load_views(ckpt, data_root):
     """The checkpoint's shots and their augmented views, as train.py made them."""
     cfg = ckpt["config"]
-    scan = dict(axis=cfg.get("slice_axis", "axial"), window=tuple(cfg["window"]) if cfg.get("window") else None)
+    scan = dict(axis=cfg.get("slice_axis", "axial"), window=tuple(cfg["window"]) if cfg.get("window") else None,
+                skip_empty=False)                       # every slice: the checkpoint names the ones it drew
     pool = {r["name"]: r for r in data.load_split(cfg["data"], data_root or cfg["data_root"], "train",
                                                   seed=cfg["seed"], scan=scan)}
-    missing = [s for s in ckpt["shots"] if s not in pool]
+    # the image or slice of each view; checkpoints before studies name only the shots, one image each
+    names = ckpt.get("view_slices") or [s for s in ckpt["shots"] for _ in range(cfg["views"])]
+    missing = sorted({s for s in names if s not in pool})
     if missing:
-        raise data.DataError(f"{cfg['data']}: the checkpoint's shots {missing} are not in its train split")
-    images, _ = data.load_images([pool[s] for s in ckpt["shots"]], cfg["image_size"])
-    return data.augment_views(images, cfg["views"], cfg["seed"])                                # (k V, 3, S, S)
+        raise data.DataError(f"{cfg['data']}: the checkpoint's shots {missing[:3]} are not in its train split")
+    return augment.load_views([pool[s] for s in names], cfg["image_size"], cfg["views"], cfg["seed"])  # (k V, 3, S, S)
 
 
 def load_trainables(ckpt, device):

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import augment
 import calibration as calib
 import data
 import deviation
@@ -52,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--data", default="brainmri", help="dataset name: brainmri, busi, chexpert, synthetic, or "
                    "any folder under --data-root in the MediCLIP or MVFA layout")
     p.add_argument("--data-root", default="data", help="folder that holds the datasets")
-    p.add_argument("--shots", type=int, default=1, help="k: number of normal training images")
+    p.add_argument("--shots", type=int, default=1, help="k: number of normal training studies (an image, or a "
+                   "NIfTI volume or DICOM series whose views are drawn from its slices with anatomy)")
     p.add_argument("--seed", type=int, default=0, help="picks the shots and seeds everything else")
     p.add_argument("--views", type=int, default=16, help="augmented views per shot, encoded once")
     p.add_argument("--window", type=float, nargs=2, default=None, metavar=("C", "W"), help="DICOM/NIfTI: intensity "
@@ -60,6 +62,8 @@ def parse_args(argv=None):
                    "else its 0.5-99.5 percentiles)")
     p.add_argument("--slice-axis", default="axial", choices=["axial", "coronal", "sagittal"],
                    help="NIfTI volumes: the axis they are sliced along")
+    p.add_argument("--all-slices", action="store_true", help="volumes and series: draw views from every slice "
+                   "(default: only slices with anatomy, data.has_anatomy)")
     # model
     p.add_argument("--clip", default="ViT-L-14", help="open_clip model name (MediCLIP: ViT-L-14 at 224 px)")
     p.add_argument("--pretrained", default="openai", help="open_clip pretrained tag")
@@ -125,9 +129,9 @@ def check_args(args):
 
 
 def scan_options(args):
-    """How DICOM and NIfTI files are read (data.scan_records): slice axis, window, and whether to skip empty slices."""
+    """How DICOM and NIfTI files are read (data.scan_records): slice axis, window, which slices of a volume."""
     return dict(axis=args.slice_axis, window=tuple(args.window) if args.window else None,
-                skip_empty=getattr(args, "skip_empty_slices", False))
+                skip_empty=not getattr(args, "all_slices", False), stride=getattr(args, "slice_stride", 1))
 
 
 def resolve_layers(layers, depth):
@@ -220,10 +224,11 @@ def main(args):
     gen = torch.Generator().manual_seed(args.seed)  # every random draw of the loop, on the CPU: reproducible
     out = args.out or os.path.join("runs", f"{os.path.basename(args.data.rstrip('/'))}-k{args.shots}-s{args.seed}")
 
-    # ---- data: k normal shots, V augmented views each (the test split is never read)
+    # ---- data: k normal shots (studies), V augmented views each (the test split is never read)
     args.data_root = os.path.abspath(args.data_root)  # stored in the checkpoint: evaluate.py may run elsewhere
     pool = data.load_split(args.data, args.data_root, "train", seed=args.seed, scan=scan_options(args))
-    shots = data.sample_shots(pool, args.shots, args.seed)
+    shots = data.sample_shots(pool, args.shots, args.seed)                # k studies, each a list of records
+    view_recs = augment.view_records(shots, args.views, args.seed)          # the image or slice of each view
 
     # ---- frozen encoders, run once over all views (or read from --cache), then freed
     clip = encode.load_clip(args.clip, args.pretrained, args.clip_weights, args.random_init).to(device)
@@ -233,8 +238,7 @@ def main(args):
     if clip_random or vae_random:
         print(f"warning: random {' and '.join(['CLIP'] * clip_random + [args.vae] * vae_random)} weights "
               f"(--random-init): a smoke run; its numbers say nothing about the method")
-    images, _ = data.load_images(shots, image_size)                        # (k, 3, S, S)
-    views = data.augment_views(images, args.views, args.seed)              # (k V, 3, S, S)
+    views = augment.load_views(view_recs, image_size, args.views, args.seed)  # (k V, 3, S, S)
     tokens_model = encode.CLIPTokens(clip, layers)
     real, z, cached = encode_views(views, clip, tokens_model, layers, device, autocast, args)   # tokens, (k V, c, h, w)
     train_idx, held_idx = split_held_out(len(views), args.views)
@@ -370,7 +374,8 @@ def main(args):
     ckpt = {
         "format_version": runfiles.FORMAT_VERSION,
         "config": config,
-        "shots": [r["name"] for r in shots],
+        "shots": [data.study_of(recs[0]) for recs in shots],              # the k studies
+        "view_slices": [r["name"] for r in view_recs],                    # the image or slice of each view
         "seed": args.seed,
         "latent_mean": z_mean.cpu().tolist(), "latent_std": z_std.cpu().tolist(),
         "state_dicts": {"eta": eta.state_dict(), "projection": proj.state_dict(), "mediclip": det.state_dict()},

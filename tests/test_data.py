@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import augment  # noqa: E402
 import data  # noqa: E402
 from data import DataError  # noqa: E402
 
@@ -145,8 +146,9 @@ def test_list_images(tmp_path):
 def test_sample_shots():
     recs = [{"name": f"n{i:02d}", "label": 0} for i in range(20)] + [{"name": "x", "label": 1}]
     a, b = data.sample_shots(recs, 3, seed=0), data.sample_shots(recs[::-1], 3, seed=0)
-    assert [r["name"] for r in a] == [r["name"] for r in b] and all(r["label"] == 0 for r in a)
-    firsts = {data.sample_shots(recs, 1, seed=s)[0]["name"] for s in range(10)}
+    assert all(len(s) == 1 for s in a)                                   # a plain image is a study of one
+    assert [s[0]["name"] for s in a] == [s[0]["name"] for s in b] and all(s[0]["label"] == 0 for s in a)
+    firsts = {data.sample_shots(recs, 1, seed=s)[0][0]["name"] for s in range(10)}
     assert len(firsts) > 1
     with pytest.raises(DataError, match="20"):
         data.sample_shots(recs, 21, seed=0)
@@ -222,12 +224,12 @@ def test_load_images_and_augment(synth):
     assert set(m.unique().tolist()) <= {0.0, 1.0}
     assert m[:2].sum() > 0 and m[2:].sum() == 0
 
-    v = data.augment_views(x[:2], 4, seed=0)
+    v = augment.augment_views(x[:2], 4, seed=0)
     assert v.shape == (8, 3, 64, 64) and 0 <= v.min() and v.max() <= 1
     assert torch.equal(v[0], x[0]) and torch.equal(v[4], x[1])
     assert not torch.equal(v[1], x[0])
-    assert torch.equal(v, data.augment_views(x[:2], 4, seed=0))
-    assert not torch.equal(v, data.augment_views(x[:2], 4, seed=1))
+    assert torch.equal(v, augment.augment_views(x[:2], 4, seed=0))
+    assert not torch.equal(v, augment.augment_views(x[:2], 4, seed=1))
 
 
 def test_a_missing_dataset_says_where_it_comes_from_and_which_flag(tmp_path):

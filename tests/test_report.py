@@ -102,10 +102,10 @@ def test_checkpoint_holds_a_calibration_set(tmp_path):
     cal = ckpt["calibration"]
     assert cal["normal"].shape == (4, calibration.CAL_TOP) and cal["anomalous"].shape == (4, calibration.CAL_TOP)
     assert (cal["normal"][:, :-1] >= cal["normal"][:, 1:]).all()                 # descending top values
-    s, y = evaluate.calibration_set(ckpt, 0, "x")
+    s, y = calibration.checkpoint_set(ckpt, 0, "x")
     assert torch.equal(torch.from_numpy(s[:4]), cal["normal"][:, 0].double()) and y.tolist() == [0] * 4 + [1] * 4
     with pytest.raises(ValueError, match="--topk"):
-        evaluate.calibration_set(ckpt, calibration.CAL_TOP + 1, "x")
+        calibration.checkpoint_set(ckpt, calibration.CAL_TOP + 1, "x")
 
 
 @pytest.fixture(scope="module")

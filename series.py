@@ -1,0 +1,190 @@
+"""
+DICOM series: the files of one acquisition (one SeriesInstanceUID), under any names and in any folders, read as
+one volume, the way PACS exports and public archives (TCIA) deliver CT and MR.
+
+- grouped by SeriesInstanceUID: several series in one folder are kept apart, one series across folders is joined;
+  multi-frame files, one-file series and non-image objects stay single files (scans.py)
+- ordered along the slice normal n = row cosine x column cosine (ImageOrientationPatient) by ImagePositionPatient . n,
+  as ITK/GDCM and dicom2nifti do; without positions, by InstanceNumber (said)
+- named by their folder (relative to the listed root), FOLDER@SeriesNumber (else @SeriesInstanceUID) when a
+  folder holds several
+- checked, each finding in one line naming the series: mixed image sizes (the majority size is kept, the other
+  files dropped: a localiser filed in the series), mixed orientations or no order at all (the series is skipped),
+  duplicate positions (the first file kept), a gap wider than 1.5x the median spacing (read as it is: each slice
+  is scored in 2D; the map volume's affine assumes the median spacing there)
+- windowed as one volume, every slice on one scale (like a NIfTI volume): --window, else the first file's
+  WindowCenter/WindowWidth, else the volume's 0.5-99.5 percentiles; MONOCHROME1 inverted
+
+    import series
+    found, singles, bad = series.find_series(paths, root)   # [series dict], other files, [(folder, line)]
+    img = series.read_slice(s["files"], k)             # (H, W) in [0, 1], the k-th slice along the normal
+"""
+import functools
+import os
+
+import numpy as np
+
+import scans
+
+GAP = 1.5            # a spacing this many times the median is a gap (a missing slice)
+
+
+def read_headers(paths):
+    """(path, header) of the single-frame DICOM images among paths; the rest, with why, for the caller."""
+    heads, rest = [], []
+    for p in paths:
+        try:
+            ds = scans.read_dicom_header(p)
+        except scans.ScanError:
+            rest.append(p)                           # scans.count_images says why, in its own line
+            continue
+        single = int(ds.get("NumberOfFrames", 1) or 1) == 1
+        image = str(ds.get("Modality", "")).upper() not in scans.NOT_IMAGES and "Rows" in ds
+        if single and image and ds.get("SeriesInstanceUID"):
+            heads.append((p, ds))
+        else:
+            rest.append(p)
+    return heads, rest
+
+
+def slice_normal(ds):
+    iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+    return np.cross(iop[:3], iop[3:])
+
+
+def order_series(heads, name):
+    """heads of one series -> (ordered heads, positions along the normal or None, notes); None if it cannot be
+    ordered soundly."""
+    notes = []
+    sizes = [(int(ds.Rows), int(ds.Columns)) for _, ds in heads]
+    size = max(set(sizes), key=sizes.count)
+    if len(set(sizes)) > 1:
+        notes.append(f"{name}: mixed image sizes {sorted(set(sizes))}; kept the {sizes.count(size)} file(s) of "
+                     f"{size[1]}x{size[0]}, dropped {len(sizes) - sizes.count(size)}")
+        heads = [h for h, s in zip(heads, sizes) if s == size]
+    if all("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for _, ds in heads):
+        iops = np.array([[float(v) for v in ds.ImageOrientationPatient] for _, ds in heads])
+        if not np.allclose(iops, iops[0], atol=1e-3):
+            return None, None, notes + [f"{name}: slices of different orientations; not read as one volume"]
+        n = slice_normal(heads[0][1])
+        pos = np.array([np.dot([float(v) for v in ds.ImagePositionPatient], n) for _, ds in heads])
+    elif all("InstanceNumber" in ds for _, ds in heads):
+        notes.append(f"{name}: no ImagePositionPatient; slices ordered by InstanceNumber")
+        pos = np.array([float(ds.InstanceNumber) for _, ds in heads])
+    else:
+        return None, None, notes + [f"{name}: neither ImagePositionPatient nor InstanceNumber in every file; the "
+                                    f"slices cannot be ordered"]
+    order = np.argsort(pos, kind="stable")
+    heads, pos = [heads[i] for i in order], pos[order]
+    dup = np.r_[False, np.diff(pos) < 1e-3]
+    if dup.any():
+        notes.append(f"{name}: {int(dup.sum())} file(s) at a position already taken (e.g. "
+                     f"{heads[int(np.argmax(dup))][0]}); kept the first of each position")
+        heads, pos = [h for h, d in zip(heads, dup) if not d], pos[~dup]
+    return heads, pos, notes
+
+
+def gap_note(pos, name):
+    """One line when a spacing is wider than GAP x the median (a missing slice), else None."""
+    if pos is None or len(pos) < 3:
+        return None
+    d = np.diff(pos)
+    big = np.flatnonzero(d > GAP * np.median(d))
+    if not len(big):
+        return None
+    return (f"{name}: {len(big)} gap(s) in the slice positions (e.g. {d[big[0]]:.2f} mm after slice {big[0]}, median "
+            f"spacing {np.median(d):.2f} mm): a missing slice? read as it is, each slice scored on its own")
+
+
+def describe(heads, pos, name, folder):
+    """The plain dict of one ordered series: files in order, what identifies it, its geometry."""
+    ds = heads[0][1]
+    return dict(name=name, folder=folder, uid=str(ds.SeriesInstanceUID), files=tuple(p for p, _ in heads),
+                patient_id=str(ds.get("PatientID", "")), study_date=str(ds.get("StudyDate", "")),
+                description=str(ds.get("SeriesDescription", "")), affine=series_affine(heads, pos))
+
+
+def find_series(paths, root):
+    """The DICOM series among paths (2 or more files of one SeriesInstanceUID; names relative to root), the
+    paths that are no series, and (folder, one line) for each series that cannot be read as a volume. What was
+    dropped or found odd in a series that is read goes into its "notes"."""
+    heads, singles = read_headers(paths)
+    groups = {}
+    for p, ds in heads:
+        groups.setdefault(str(ds.SeriesInstanceUID), []).append((p, ds))
+    for uid in [u for u, hs in groups.items() if len(hs) == 1]:
+        singles.append(groups.pop(uid)[0][0])                    # a one-file series is a plain image
+    folders = {}
+    for uid, hs in groups.items():
+        folder = os.path.relpath(os.path.commonpath([os.path.dirname(p) for p, _ in hs]), root).replace(os.sep, "/")
+        folders.setdefault(folder, []).append(uid)
+    found, bad = [], []
+    for folder, uids in sorted(folders.items()):
+        numbers = [str(groups[u][0][1].get("SeriesNumber", "") or "") for u in uids]
+        for uid, number in zip(uids, numbers):
+            name = folder if len(uids) == 1 else f"{folder}@{number if numbers.count(number) == 1 else uid}"
+            ordered, pos, notes = order_series(groups[uid], name)
+            if ordered is None or len(ordered) < 2:
+                bad.append((os.path.join(root, folder), notes[-1] if notes else f"{name}: fewer than 2 slices left"))
+                continue
+            s = describe(ordered, pos, name, folder)
+            s["notes"] = notes + [n for n in [gap_note(pos, name)] if n]
+            found.append(s)
+    return found, sorted(singles), bad
+
+
+def series_affine(heads, pos):
+    """The voxel-to-RAS affine of the volume read as (columns, rows, slices), NIfTI's convention; the median
+    spacing along the normal. Identity when the files carry no geometry."""
+    ds = heads[0][1]
+    if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+        return np.eye(4).tolist()
+    iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+    dr, dc = (float(v) for v in ds.get("PixelSpacing", [1, 1]))     # between rows, between columns
+    dz = float(np.median(np.diff(pos))) if len(pos) > 1 else float(ds.get("SliceThickness", 1) or 1)
+    a = np.eye(4)
+    a[:3, 0], a[:3, 1], a[:3, 2] = iop[:3] * dc, iop[3:] * dr, slice_normal(ds) * dz
+    a[:3, 3] = [float(v) for v in ds.ImagePositionPatient]
+    return (np.diag([-1, -1, 1, 1]) @ a).tolist()                   # DICOM's LPS -> NIfTI's RAS
+
+
+@functools.lru_cache(maxsize=2)
+def read_volume(files, window=None):
+    """(Z, H, W) in [0, 1]: the modality LUT of every file, windowed as one volume. Kept for the next slice."""
+    from pydicom.pixels import apply_modality_lut
+    stack = []
+    for p in files:
+        ds, arr = scans.dicom_pixels(p)
+        stack.append(apply_modality_lut(arr, ds).astype(np.float32))
+    x, ds = np.stack(stack), scans.read_dicom_header(files[0])
+    if window is not None:
+        y = scans.window_linear(x, window[0], window[1], "LINEAR_EXACT")
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        first = lambda key: float(ds[key].value[0] if ds[key].VM > 1 else ds[key].value)
+        y = scans.window_linear(x, first("WindowCenter"), first("WindowWidth"),
+                                str(ds.get("VOILUTFunction", "LINEAR")).upper())
+    else:
+        y = scans.window_percentiles(x)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        y = 1 - y
+    return np.clip(y, 0, 1).astype(np.float32)
+
+
+def read_slice(files, index, window=None):
+    volume = read_volume(tuple(files), None if window is None else tuple(window))
+    if not 0 <= index < len(volume):
+        raise scans.ScanError(f"{os.path.dirname(files[0])}: its series has {len(volume)} slice(s), not {index}")
+    return volume[index]
+
+
+def write_map_volume(s, slices, out):
+    """Anomaly maps of slices of a series ([(index, (S, S) map)]) as one NIfTI volume on the series' grid
+    (columns, rows, slices) and affine; slices not given are 0."""
+    import nibabel as nib
+    import torch
+    rows, cols = scans.dicom_size(s["files"][0])
+    volume = np.zeros((cols, rows, len(s["files"])), np.float32)
+    for index, amap in slices:
+        t = torch.from_numpy(amap.astype(np.float32))[None, None]
+        volume[:, :, index] = torch.nn.functional.interpolate(t, size=(rows, cols), mode="bilinear")[0, 0].numpy().T
+    nib.save(nib.Nifti1Image(volume, np.asarray(s["affine"])), out)
