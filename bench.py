@@ -203,7 +203,7 @@ def bench_volumes(ckpt, tmp):
             outs[precision] = out
         with open(os.path.join(outs["fp32"], "studies.csv")) as f:
             row[f"{kind}_slices_scored"] = float(list(csv.DictReader(f))[0]["slices_scored"])
-        s32, s16 = (np.loadtxt(os.path.join(outs[p], "scores.csv"), delimiter=",", skiprows=1, usecols=3, ndmin=1)
+        s32, s16 = (np.array([float(r["score"]) for r in csv.DictReader(open(os.path.join(outs[p], "scores.csv")))])
                     for p in ("fp32", "bf16"))
         m32, m16 = (nib.load(os.path.join(outs[p], "maps", os.path.basename(path))).get_fdata()
                     for p in ("fp32", "bf16"))

@@ -180,7 +180,8 @@ def nifti_volume(img, path):
 
 def nifti_slice(volume, index, axis):
     """Slice `index` along `axis` of a canonical volume, rotated so that anterior (or superior) is up. (H, W)"""
-    return np.ascontiguousarray(np.rot90(np.take(volume, index, axis=axis)))
+    # a view, then one copy (np.take along the last, fastest axis is a slow gather: 60 ms for a 256^2 slice)
+    return np.ascontiguousarray(np.rot90(volume[(slice(None),) * axis + (index,)]))
 
 
 @functools.lru_cache(maxsize=2)
