@@ -10,6 +10,7 @@ brightness-jittered (0.9-1.1).
     import augment
     recs = augment.view_records(shots, n_views=16, seed=0)        # k 16 records, shot-major
     x = augment.load_views(recs, size=224, n_views=16, seed=0)    # (k 16, 3, S, S) in [0, 1]
+    train_idx, held_idx = augment.split_held_out(len(x), 16)       # the last view(s) of each shot held out
 """
 import numpy as np
 import torch
@@ -69,3 +70,10 @@ def augment_stack(xv, n_views, seed):
     keep = torch.arange(n, device=xv.device) % n_views == 0
     out[keep] = xv[keep]
     return out
+
+
+def split_held_out(n, views_per_shot):
+    """Indices of the training views and of the held-out last view(s) of every shot (alignment is reported on them)."""
+    n_hold = max(1, views_per_shot // 8) if views_per_shot > 1 else 0
+    is_held = (torch.arange(n) % views_per_shot) >= views_per_shot - n_hold
+    return (~is_held).nonzero().squeeze(1), is_held.nonzero().squeeze(1)

@@ -138,8 +138,8 @@ def bench_backbone(name, args, tmp):
     with open(os.path.join(os.path.dirname(path), "timings.json")) as f:
         row["train_step_s"] = json.load(f)["train_s"] / args.steps
     row["step_over_clip_forward"] = row["train_step_s"] / row["clip_forward_batch_s"]
-    views = augment.augment_views(data.load_images(data.sample_shots(data.load_split("synthetic", "", "train"), 1, 0),
-                                                S)[0], args.views, 0)
+    shots = data.sample_shots(data.load_split("synthetic", "", "train"), 1, 0)
+    views = augment.load_views(augment.view_records(shots, args.views, 0), S, args.views, 0)
     row["mediclip_style_run_s"] = mediclip_style_run(name, layers, views, args.steps, args.batch_size)
     row["speedup_vs_mediclip_style"] = row["mediclip_style_run_s"] / row["train_run_s"]
 

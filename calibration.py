@@ -200,3 +200,19 @@ def calibrate(member_scores, labels, fit, ckpts, paths, args):
                 warning="; ".join(sorted({w for (s, y), ab in zip(sets, params)
                                           if (w := check_fit(s, y, ab))})) or None)
     return probs, fit_probs, fit_labels, info
+
+
+def transfer_warnings(report, slack=0.05):
+    """With labels: an operating point that misses its sensitivity target on the test images by more than slack,
+    and a calibration whose test ECE is far from its ECE on the data it was fitted on (it did not transfer)."""
+    cal, out = report["calibration"], []
+    for key, op in report["operating_points"].items():
+        target = op.get("target_sensitivity")
+        if target is not None and op["sensitivity"] < target - slack:
+            out.append(f"operating point {key}: sensitivity {op['sensitivity']:.3f} on the test images against "
+                       f"{op['sensitivity_on_fit_data']:.3f} on the data its threshold was set on: the target "
+                       f"{target:g} is missed")
+    if cal.get("ece") is not None and cal["ece"] > 2 * cal["ece_on_fit_data"] + slack:
+        out.append(f"calibration does not transfer: ECE {cal['ece']:.3f} on the test images against "
+                   f"{cal['ece_on_fit_data']:.3f} on the data it was fitted on; read the probabilities as scores")
+    return out

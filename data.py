@@ -54,6 +54,12 @@ def _record(name, label, cls, path=None, mask_path=None, image=None, mask=None, 
 SCAN_DEFAULTS = dict(axis="axial", window=None, skip_empty=True, stride=1)
 
 
+def scan_options(args):
+    """How DICOM and NIfTI files are read (data.scan_records): slice axis, window, which slices of a volume."""
+    return dict(axis=args.slice_axis, window=tuple(args.window) if args.window else None,
+                skip_empty=not getattr(args, "all_slices", False), stride=getattr(args, "slice_stride", 1))
+
+
 def has_anatomy(img):
     """More than 1 % of the slice brighter than 5 % of the window: not air, not an empty end of the volume."""
     return (img > 0.05).mean() > 0.01

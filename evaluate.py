@@ -7,6 +7,7 @@ frozen CLIP, the adapters and the prompts: an anomaly map and an image score (no
     python evaluate.py --ckpt runs/busi-k1-s*/run.pt --out runs/busi-k1-ensemble  # support-set seeds together
     python evaluate.py --ckpt run.pt --calib-split 0.2                            # calibrate on 20% of the test set
     python evaluate.py --ckpt run.pt --images my_scans/                           # own images, no labels
+    python evaluate.py --ckpt run.pt --images IN --mood-out OUT --mood-task pixel # MOOD's submission files
     python evaluate.py --zero-shot --random-init --clip ViT-B-16 --data busi --data-root ../shared/data
 
 Reports what a clinical evaluation needs, not one number (written into --out, default beside the checkpoint):
@@ -21,9 +22,13 @@ Reports what a clinical evaluation needs, not one number (written into --out, de
 - several --ckpt (one per support-set seed): mean +- std of every metric over them, the ensemble (mean score,
   mean calibrated probability) as the headline, each image's score spread in scores.csv and the most uncertain.
 - scores.csv (one row per image), roc.png, and a few overlays (image | anomaly map | mask).
+- studies.csv (one row per study: a NIfTI volume, a DICOM series, a file; studies.py): the study score
+  (--study-score), its peak slice, the call, the map volume maps/<study>.nii.gz; per-study metrics for labelled
+  volumes; with --mood-out, MOOD's sample or pixel files for the NIfTI volumes of --images.
 
 This file is the pipeline: checkpoints -> model -> maps and scores -> report files. The maths lives beside it:
-metrics.py (AUROC, AP, AUPRO, bootstrap CIs, ROC figure) and calibration.py (Platt, ECE, operating points).
+metrics.py (AUROC, AP, AUPRO, bootstrap CIs, ROC figure), calibration.py (Platt, ECE, operating points, which
+data the calibration is fitted on) and studies.py (study scores, studies.csv, MOOD).
 """
 import argparse
 import contextlib
@@ -44,7 +49,7 @@ import metrics
 import studies
 from runfiles import (CheckpointError, bf16_autocast, check_writable, code_version, cpu_bf16_native, load_checkpoint,
                       pick_device, write_json)
-from train import resolve_layers, scan_options
+from train import resolve_layers
 from weights import sha256
 
 RANDOM_WEIGHTS = "random backbone weights: these numbers say nothing about the method"
@@ -254,7 +259,7 @@ def main(args):
     args.slice_axis = args.slice_axis or cfg0.get("slice_axis") or "axial"
     skipped = []
     if args.images:                                    # listed and read before the model loads: fails in a second
-        records, skipped = own_images(args.images, scan_options(args))
+        records, skipped = own_images(args.images, data.scan_options(args))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -265,7 +270,7 @@ def main(args):
     else:
         name = args.data or cfg.get("data") or "brainmri"
         records = data.load_split(name, args.data_root or cfg.get("data_root") or "data", "test",
-                                  scan=scan_options(args))
+                                  scan=data.scan_options(args))
     maps, member_scores, masks = predict(records, clip, dets, layers, args, device)   # (M, N, S, S), (M, N)
     if skipped:
         os.makedirs(out, exist_ok=True)
@@ -290,23 +295,7 @@ def report_warnings(report, ckpts, name):
         cal["cross_dataset"] = (f"fitted on {c['train_data']} (the checkpoint's few-shot set), tested on {name}: "
                                 f"probabilities and thresholds may not transfer (--calib-split fits on {name})")
         out.append(f"calibration and thresholds {cal['cross_dataset']}")
-    return out + transfer_warnings(report)
-
-
-def transfer_warnings(report, slack=0.05):
-    """With labels: an operating point that misses its sensitivity target on the test images by more than slack,
-    and a calibration whose test ECE is far from its ECE on the data it was fitted on (it did not transfer)."""
-    cal, out = report["calibration"], []
-    for key, op in report["operating_points"].items():
-        target = op.get("target_sensitivity")
-        if target is not None and op["sensitivity"] < target - slack:
-            out.append(f"operating point {key}: sensitivity {op['sensitivity']:.3f} on the test images against "
-                       f"{op['sensitivity_on_fit_data']:.3f} on the data its threshold was set on: the target "
-                       f"{target:g} is missed")
-    if cal.get("ece") is not None and cal["ece"] > 2 * cal["ece_on_fit_data"] + slack:
-        out.append(f"calibration does not transfer: ECE {cal['ece']:.3f} on the test images against "
-                   f"{cal['ece_on_fit_data']:.3f} on the data it was fitted on; read the probabilities as scores")
-    return out
+    return out + calibration.transfer_warnings(report)
 
 
 def write_report(out, name, records, maps, member_scores, masks, ckpts, paths, backbone, args):
@@ -387,7 +376,8 @@ def write_report(out, name, records, maps, member_scores, masks, ckpts, paths, b
     # they may sit just off its curve
     metrics.plot_roc(os.path.join(out, "roc.png"), score[keep], y, cls, report, report["operating_points"])
     report["conditions"] = dict(describe_checkpoints(ckpts, paths), **backbone, test_data=name,
-                                 image_score="max" if args.topk <= 0 else f"top{args.topk}", code_version=code_version(),
+                                 image_score="max" if args.topk <= 0 else f"top{args.topk}",
+                                 code_version=code_version(),
                                  clip_forward="bf16" if frozen_bf16(args, pick_device(args.device)) else "fp32")
     report["warnings"] = report_warnings(report, ckpts, name)
     if backbone["random_init"]:

@@ -89,6 +89,8 @@ def write_map_volume(records, idx, amaps, out):
     """The map volume of a NIfTI or series study on its own grid (slices not scored: 0); None for 2D studies."""
     rec = records[idx[0]]
     slices = [(records[i]["index"], amaps[i]) for i in idx]
+    if rec.get("series") or (rec.get("path") and scans.is_nifti(rec["path"]) and rec.get("index") is not None):
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if rec.get("series"):
         series.write_map_volume(rec["series"], slices, out)
     elif rec.get("path") and scans.is_nifti(rec["path"]) and rec.get("index") is not None:
@@ -120,9 +122,7 @@ def verdicts(out, records, amaps, scores, probs, fit, args):
         p = calibration.apply_platt(score, calibration.fit_platt(score[fit_study], labels[fit_study]))
     rows = []
     for g, (name, idx) in enumerate(groups):
-        volume = os.path.join(out, "maps", exports.safe_name(name) + ".nii.gz")
-        os.makedirs(os.path.dirname(volume), exist_ok=True)
-        written = write_map_volume(records, idx, amaps, volume)
+        written = write_map_volume(records, idx, amaps, os.path.join(out, "maps", exports.safe_name(name) + ".nii.gz"))
         call = int(p[g] >= 0.5) if p is not None else "" if probs is None else int((probs[idx] >= 0.5).any())
         rows.append(dict(study=name, **identity(records[idx[0]]), slices_scored=len(idx), score=f"{score[g]:.6f}",
                          probability="" if p is None else f"{p[g]:.6f}", call=call,

@@ -128,12 +128,6 @@ def check_args(args):
     runfiles.check_writable(args.out or "runs", "--out")
 
 
-def scan_options(args):
-    """How DICOM and NIfTI files are read (data.scan_records): slice axis, window, which slices of a volume."""
-    return dict(axis=args.slice_axis, window=tuple(args.window) if args.window else None,
-                skip_empty=not getattr(args, "all_slices", False), stride=getattr(args, "slice_stride", 1))
-
-
 def resolve_layers(layers, depth):
     return list(layers) if layers else [depth // 2, 3 * depth // 4, depth]
 
@@ -166,13 +160,6 @@ def encode_views(views, clip, tokens_model, layers, device, autocast, args):
         os.makedirs(args.cache, exist_ok=True)
         runfiles.save_checkpoint(dict(real=[t.cpu() for t in real], z=z.cpu()), cache)
     return real, z, False
-
-
-def split_held_out(n, views_per_shot):
-    """Indices of the training views and of the held-out last view(s) of every shot (alignment is reported on them)."""
-    n_hold = max(1, views_per_shot // 8) if views_per_shot > 1 else 0
-    is_held = (torch.arange(n) % views_per_shot) >= views_per_shot - n_hold
-    return (~is_held).nonzero().squeeze(1), is_held.nonzero().squeeze(1)
 
 
 def encode_bank(views, clip, tokens_model, device, autocast, args):
@@ -226,7 +213,7 @@ def main(args):
 
     # ---- data: k normal shots (studies), V augmented views each (the test split is never read)
     args.data_root = os.path.abspath(args.data_root)  # stored in the checkpoint: evaluate.py may run elsewhere
-    pool = data.load_split(args.data, args.data_root, "train", seed=args.seed, scan=scan_options(args))
+    pool = data.load_split(args.data, args.data_root, "train", seed=args.seed, scan=data.scan_options(args))
     shots = data.sample_shots(pool, args.shots, args.seed)                # k studies, each a list of records
     view_recs = augment.view_records(shots, args.views, args.seed)          # the image or slice of each view
 
@@ -241,7 +228,7 @@ def main(args):
     views = augment.load_views(view_recs, image_size, args.views, args.seed)  # (k V, 3, S, S)
     tokens_model = encode.CLIPTokens(clip, layers)
     real, z, cached = encode_views(views, clip, tokens_model, layers, device, autocast, args)   # tokens, (k V, c, h, w)
-    train_idx, held_idx = split_held_out(len(views), args.views)
+    train_idx, held_idx = augment.split_held_out(len(views), args.views)
     uses_eta = args.synth in ("deviation", "mix")
     uses_latent = args.synth in ("deviation", "latent-noise", "mix")
     uses_bank = args.synth in ("mediclip", "pixel-noise", "mix")

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import calibration
 import data
 import evaluate
 import mediclip
@@ -181,12 +182,13 @@ def test_missed_targets_and_a_calibration_that_does_not_transfer_are_said():
     ops = {"p>=0.5": dict(sensitivity=0.2, specificity=0.9, sensitivity_on_fit_data=0.9),
            "sensitivity>=0.95": dict(sensitivity=0.0, specificity=1.0, sensitivity_on_fit_data=0.97,
                                      target_sensitivity=0.95)}
-    w = evaluate.transfer_warnings(dict(operating_points=ops, calibration=dict(ece=0.45, ece_on_fit_data=0.06)))
+    w = calibration.transfer_warnings(dict(operating_points=ops, calibration=dict(ece=0.45, ece_on_fit_data=0.06)))
     assert len(w) == 2
     assert "sensitivity>=0.95: sensitivity 0.000 on the test images against 0.970" in w[0] and "missed" in w[0]
     assert "ECE 0.450 on the test images against 0.060" in w[1]
     ops["sensitivity>=0.95"]["sensitivity"] = 0.93
-    assert evaluate.transfer_warnings(dict(operating_points=ops, calibration=dict(ece=0.08, ece_on_fit_data=0.06))) == []
+    assert calibration.transfer_warnings(dict(operating_points=ops,
+                                              calibration=dict(ece=0.08, ece_on_fit_data=0.06))) == []
 
 
 def test_overlays_share_one_scale_keep_their_aspect_and_say_what_they_show(tmp_path):

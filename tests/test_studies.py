@@ -92,17 +92,36 @@ def test_malformed_series_one_line_each_and_the_rest_scored(tmp_path, run):
     ds = pydicom.dcmread(broken / "x2")
     del ds.ImagePositionPatient, ds.InstanceNumber
     ds.save_as(broken / "x2")
+    toy_volumes.save_nifti(v, a, str(tmp_path / "scans" / "vol.nii.gz"))     # a volume among the series
     m = evaluate.main(evaluate.parse_args(["--ckpt", run, "--images", str(tmp_path / "scans"), "--out",
                                            str(tmp_path / "out"), "--overlays", "0", "--all-slices"]))
     assert m is None
     rows = {r["study"]: r for r in read_csv(tmp_path / "out" / "studies.csv")}
-    assert set(rows) == {"two@1", "two@2", "gap", "dup", "mixed"}
+    assert set(rows) == {"two@1", "two@2", "gap", "dup", "mixed", "vol.nii.gz"}
+    assert rows.pop("vol.nii.gz")["kind"] == "nifti volume"
     assert all(r["kind"] == "dicom series" for r in rows.values())
     assert rows["gap"]["slices_scored"] == "7" and "gap" in rows["gap"]["notes"]
     assert rows["dup"]["slices_scored"] == "8" and "position already taken" in rows["dup"]["notes"]
     assert rows["mixed"]["slices_scored"] == "8" and "mixed image sizes" in rows["mixed"]["notes"]
     skipped = read_csv(tmp_path / "out" / "skipped.csv")
     assert len(skipped) == 1 and "broken" in skipped[0]["path"] and "cannot be ordered" in skipped[0]["reason"]
+
+
+def test_series_folders_are_entries_of_both_layouts(tmp_path):
+    """MVFA's img/ and MediCLIP's JSON may name a DICOM series' folder: one study, its slices as records."""
+    rng = np.random.default_rng(1)
+    v, a = small_volume()
+    img = tmp_path / "mvfa" / "valid" / "good" / "img"
+    for name in ("s1", "s2"):
+        toy_volumes.write_series(v, a, str(img / name), rng)
+    shots = data.sample_shots(data.load_split("mvfa", str(tmp_path), "train"), 2, seed=0)
+    assert sorted(data.study_of(s[0]) for s in shots) == ["valid/good/img/s1", "valid/good/img/s2"]
+    base = tmp_path / "mc"
+    toy_volumes.write_series(v, a, str(base / "images" / "case"), rng)
+    (base / "samples").mkdir()
+    (base / "samples" / "train.json").write_text('{"filename": "case", "label": 0}\n')
+    recs = data.load_split("mc", str(tmp_path), "train")
+    assert {data.study_of(r) for r in recs} == {"case"} and all(r["series"] for r in recs)
 
 
 # ---------------------------------------------------------------------------------------------- studies
@@ -158,7 +177,8 @@ def test_study_score_rules():
     maps[1, 2, 2], maps[3] = 0.9, 0.5
     groups = studies.group(records)
     s, peak = studies.study_scores(maps, maps.reshape(4, -1).max(1).astype(float), groups, "max")
-    assert [g for g, _ in groups] == ["v.nii.gz", "a.png"] and np.allclose(s, [0.9, 0.5], atol=1e-3) and list(peak) == [1, 3]
+    assert [g for g, _ in groups] == ["v.nii.gz", "a.png"] and list(peak) == [1, 3]
+    assert np.allclose(s, [0.9, 0.5], atol=1e-3)
     s, _ = studies.study_scores(maps, None, groups, "top-voxels")
     assert np.isclose(s[0], 0.09, atol=1e-3) and np.isclose(s[1], 0.5, atol=1e-3)    # top 10 voxels of 192
 
