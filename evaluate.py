@@ -47,8 +47,8 @@ import exports
 import mediclip
 import metrics
 import studies
-from runfiles import (CheckpointError, bf16_autocast, check_writable, code_version, cpu_bf16_native, load_checkpoint,
-                      pick_device, write_json)
+from runfiles import (CheckpointError, bf16_autocast, check_writable, code_version, load_checkpoint, pick_device,
+                      write_json)
 from train import resolve_layers
 from weights import sha256
 
@@ -103,8 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="the frozen CLIP forward: "
-                   "auto is bf16 on CUDA and on a CPU with native bf16 (avx512_bf16, amx_bf16), else fp32; the "
-                   "adapters and maps stay fp32")
+                   "auto is bf16 on CUDA, fp32 on the CPU (bf16 there measured 6x slower, even with avx512_bf16: "
+                   "README, Speed); the adapters and maps stay fp32")
     return p.parse_args(argv)
 
 
@@ -176,9 +176,9 @@ def load_models(paths, args, device):
 
 
 def frozen_bf16(args, device):
-    """Whether the frozen CLIP forward runs in bf16 (--precision; auto: where the hardware has it)."""
+    """Whether the frozen CLIP forward runs in bf16 (--precision; auto: on CUDA)."""
     if getattr(args, "precision", "auto") == "auto":
-        return device.type == "cuda" or (device.type == "cpu" and cpu_bf16_native())
+        return device.type == "cuda"
     return args.precision == "bf16"
 
 

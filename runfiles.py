@@ -43,17 +43,6 @@ def pick_device(name):
     return device
 
 
-def cpu_bf16_native():
-    """Whether this CPU computes bf16 in hardware (x86 avx512_bf16 or amx_bf16, Arm bf16; Linux's /proc/cpuinfo).
-    Without it a CPU emulates bf16, slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
 def bf16_autocast(device, on_cpu=False):
     """bf16 autocast on CUDA; on the CPU only when asked (--bf16); full precision elsewhere."""
     if device.type == "cuda" or (on_cpu and device.type == "cpu"):
