@@ -223,3 +223,9 @@ def test_mood_files_are_what_moods_evaluation_reads(toy, run, tmp_path, task):
     ap = mood_ap(str(out), str(mood / "toy_label" / task), task)
     prevalence = np.mean([t[0] for t in truth.values()]) if task == "sample" else None
     assert 0 < ap <= 1 and (prevalence is None or ap >= prevalence / 2)
+
+
+def test_precision_of_the_frozen_forward():
+    auto, bf16 = evaluate.parse_args(["--ckpt", "x"]), evaluate.parse_args(["--ckpt", "x", "--precision", "bf16"])
+    assert not evaluate.frozen_bf16(auto, torch.device("cpu")) and evaluate.frozen_bf16(auto, torch.device("cuda"))
+    assert evaluate.frozen_bf16(bf16, torch.device("cpu"))
