@@ -126,7 +126,7 @@ def dicom_frames(ds, arr):
 
 def read_dicom(path, index=0, window=None):
     """Frame `index` of a DICOM file, (H, W) in [0, 1] (colour files: the mean of their channels)."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut
     ds, arr = dicom_pixels(path)
     frames = dicom_frames(ds, arr)
     if not 0 <= index < len(frames):
@@ -134,7 +134,13 @@ def read_dicom(path, index=0, window=None):
     frame = frames[index]
     if int(ds.get("SamplesPerPixel", 1)) > 1:          # colour (pydicom converts YBR to RGB): scale by bit depth
         return (frame.astype(np.float32) / (2 ** int(ds.BitsStored) - 1)).mean(-1)
-    x = apply_modality_lut(frame, ds).astype(np.float64)
+    return voi_window(apply_modality_lut(frame, ds).astype(np.float64), ds, window)
+
+
+def voi_window(x, ds, window=None):
+    """Rescaled values onto [0, 1]: --window C W, else the file's own window (the first of several) or VOI LUT,
+    else x's 0.5-99.5 percentiles; MONOCHROME1 inverted. x: a frame, or a whole series (series.py)."""
+    from pydicom.pixels import apply_voi_lut
     if window is not None:
         y = window_linear(x, window[0], window[1], "LINEAR_EXACT")
     elif "WindowCenter" in ds and "WindowWidth" in ds:

@@ -156,18 +156,7 @@ def read_volume(files, window=None):
     for p in files:
         ds, arr = scans.dicom_pixels(p)
         stack.append(apply_modality_lut(arr, ds).astype(np.float32))
-    x, ds = np.stack(stack), scans.read_dicom_header(files[0])
-    if window is not None:
-        y = scans.window_linear(x, window[0], window[1], "LINEAR_EXACT")
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        first = lambda key: float(ds[key].value[0] if ds[key].VM > 1 else ds[key].value)
-        y = scans.window_linear(x, first("WindowCenter"), first("WindowWidth"),
-                                str(ds.get("VOILUTFunction", "LINEAR")).upper())
-    else:
-        y = scans.window_percentiles(x)
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        y = 1 - y
-    return np.clip(y, 0, 1).astype(np.float32)
+    return scans.voi_window(np.stack(stack), scans.read_dicom_header(files[0]), window)
 
 
 def read_slice(files, index, window=None):
