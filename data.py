@@ -17,6 +17,7 @@ Layouts understood under <root>/<name>:
 Every bad input raises DataError with a one-line message that names the file and the problem.
 """
 
+import difflib
 import json
 import os
 
@@ -73,7 +74,9 @@ def select_slices(read, n, scan):
 
 def scan_records(path, name, label, cls, mask_path=None, scan=None):
     """One record per image a file holds: itself, or each frame of a multi-frame DICOM (FILE#f=K) or slice of
-    a NIfTI volume (FILE#z=K for axial; by default only slices with anatomy in them, select_slices)."""
+    a NIfTI volume (FILE#z=K for axial; by default only slices with anatomy in them, select_slices). An anomalous
+    volume with a voxel mask labels each slice by its own mask (a slice without lesion is a normal slice); the
+    study's label stays in "study_label"."""
     if not scans.is_scan(path):
         return [_record(name, label, cls, path, mask_path)]
     scan = dict(SCAN_DEFAULTS, **(scan or {}))
@@ -84,10 +87,15 @@ def scan_records(path, name, label, cls, mask_path=None, scan=None):
         keep = range(n)
         if scans.is_nifti(path):
             keep = select_slices(lambda i: scans.read_scan(path, i, scan["axis"], scan["window"]), n, scan)
+        labels = [label] * len(keep)
+        if label == 1 and n > 1 and mask_path and scans.is_nifti(mask_path):
+            labels = [int(scans.read_nifti_mask(mask_path, i, scan["axis"], path).any()) for i in keep]
     except scans.ScanError as e:
         raise DataError(str(e)) from None
-    return [_record(name if n == 1 else f"{name}#{letter}={i}", label, cls, path, mask_path, index=i, scan=scan)
-            for i in keep]
+    if not keep:
+        raise DataError(f"{path}: none of its {n} slices holds anatomy (data.has_anatomy); --all-slices scores them")
+    return [dict(_record(name if n == 1 else f"{name}#{letter}={i}", y, cls, path, mask_path, index=i, scan=scan),
+                 study_label=label) for i, y in zip(keep, labels)]
 
 
 def series_records(s, label, cls, scan=None):
@@ -106,9 +114,10 @@ def folder_records(folder, root, label, cls, scan=None):
     """The DICOM series in a folder given as one entry of a labelled split (MVFA's img/, a MediCLIP filename):
     its series' records; anything that is not one sound series fails, naming it."""
     paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if not f.startswith("."))
-    found, singles, bad = series.find_series([p for p in paths if scans.is_dicom(p)], root)
-    if bad or singles or not found:
-        why = bad[0][1] if bad else f"{singles[0] if singles else folder}: not part of a DICOM series of 2+ files"
+    found, singles, alone = series.find_series([p for p in paths if scans.is_dicom(p)], root)
+    if singles or not found:
+        why = alone[singles[0]] if singles and singles[0] in alone else \
+            f"{singles[0] if singles else folder}: not part of a DICOM series of 2+ files"
         raise DataError(f"{folder}: listed as a study, but {why}")
     for s in found:
         for line in s["notes"]:
@@ -122,6 +131,11 @@ def _one_line(e):
 
 # -----------------------------------------------------------------------------
 # splits
+
+def study_files(rec):
+    """The files of a record's study: a DICOM series' every file (slices without anatomy too), else its own."""
+    return rec["series"]["files"] if rec.get("series") else [rec["path"]] if rec.get("path") else []
+
 
 def study_of(rec):
     """A record's study: its DICOM series, NIfTI volume or (multi-frame) file; a plain image is its own."""
@@ -161,6 +175,12 @@ def load_split(name, root, split, seed=0, scan=None):
 def missing_dataset(name, root):
     """Where a dataset that is not there comes from, where it goes, and the flag that points elsewhere."""
     where = f"{os.path.abspath(root)}" + ("" if os.path.isdir(root) else " (that folder does not exist)")
+    there = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
+    names = [d for d in there + [d for d in SOURCES if d not in there] + ["synthetic"] if d != name]
+    near = difflib.get_close_matches(name, names, 1, 0.6)
+    if near:                        # a typo: say the nearest name first, the download story after
+        return (f"{os.path.join(root, name)}: dataset {name!r} not found under the data root {where}; did you mean "
+                f"{near[0]}?" + (f" (here: {', '.join(there)})" if there else ""))
     source = f"{SOURCES[name]}; get it from " if name in SOURCES else "MediCLIP-layout datasets: see "
     return (f"{os.path.join(root, name)}: dataset {name!r} not found under the data root {where}. {source}"
             f"{MEDICLIP_DATA}, unpack it as <root>/{name}/samples + images, and pass --data-root <root> "
@@ -230,55 +250,13 @@ def _mvfa(base, split, scan=None):
     return recs
 
 
-def list_images(folder, scan=None):
-    """Records of the image and scan files under folder (recursive): a record per image, per frame of a DICOM
-    file or slice of a NIfTI volume, per slice of a DICOM series (its files in any subfolders, series.py), and
-    (path, reason) of every other file in it: formats not read here are said, not dropped silently, and so are
-    scans whose header cannot be read and series that cannot be read as a volume. Hidden files are passed over."""
-    folder = os.fspath(folder)
-    files, other = [], []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        for fn in sorted(filenames):
-            path = os.path.join(dirpath, fn)
-            if fn.startswith("."):
-                continue
-            if not fn.lower().endswith(IMAGE_EXTS) and not scans.is_scan(path):
-                ext = os.path.splitext(fn)[1] or "(no extension)"
-                other.append((path, f"{path}: {ext} is not a format read here ({', '.join(IMAGE_EXTS)}, "
-                                    f"DICOM, NIfTI)"))
-                continue
-            files.append(path)
-    found, singles, bad = series.find_series([p for p in files if scans.is_dicom(p)], folder)
-    other += bad
-    recs = []
-    for s in found:
-        for line in s["notes"]:
-            print(f"note: {line}")
-        try:
-            recs.extend(series_records(s, -1, "unknown", scan))
-        except DataError as e:
-            other.append((os.path.join(folder, s["folder"]), str(e)))
-    for path in [p for p in files if not scans.is_dicom(p)] + singles:
-        try:
-            recs.extend(scan_records(path, os.path.relpath(path, folder).replace(os.sep, "/"), -1, "unknown",
-                                     scan=scan))
-        except DataError as e:
-            other.append((path, str(e)))
-    if not recs:
-        found = f"; {len(other)} file(s) of other formats, e.g. {other[0][0]}" if other else ""
-        raise DataError(f"{folder}: no images here (missing or empty folder; looked for {', '.join(IMAGE_EXTS)})"
-                        f"{found}")
-    return in_order(recs), other
-
-
 def sample_shots(records, k, seed):
     """k normal studies (every record of the study label 0; a plain image is a study of one), drawn from seed:
     a list of k lists of records."""
     studies = {}
     for r in records:
         studies.setdefault(study_of(r), []).append(r)
-    pool = sorted(name for name, recs in studies.items() if all(r["label"] == 0 for r in recs))
+    pool = sorted(name for name, recs in studies.items() if all(r.get("study_label", r["label"]) == 0 for r in recs))
     if not 1 <= k <= len(pool):
         paths = [os.path.dirname(r["path"]) for r in records if r.get("path")]
         src = f" from {os.path.commonpath(paths)}" if paths else ""

@@ -78,13 +78,17 @@ def sample_noise(x0, s, gen):
     return torch.where(s.bool().expand_as(x0), x0.roll(1, dims=0), n)
 
 
-def sample_blob_mask(fg, gen, min_r=0.08, max_r=0.25):
-    """One smooth, irregular blob per image inside the foreground fg (B, 1, h, w) bool. Returns m, 1 = clean."""
+def sample_blob_mask(fg, gen, min_r=0.08, max_r=0.25, field_hw=None):
+    """One smooth, irregular blob per image inside the foreground fg (B, 1, h, w) bool. Returns m, 1 = clean.
+    The outline bends with a smooth random field drawn on field_hw (default: fg's own grid); drawn on the latent
+    grid and upsampled to an image-resolution fg, the same blob gets a smooth outline instead of cell steps."""
     B, _, h, w = fg.shape
+    fh, fw = field_hw or (h, w)
     yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
-    # a smooth random field that bends the blob's outline
-    noise = F.avg_pool2d(torch.randn(B, 1, h + 8, w + 8, generator=gen), 9, stride=1)  # (B, 1, h, w)
+    noise = F.avg_pool2d(torch.randn(B, 1, fh + 8, fw + 8, generator=gen), 9, stride=1)  # (B, 1, fh, fw)
     noise = noise / noise.flatten(1).std(dim=1).view(B, 1, 1, 1).clamp_min(1e-6)
+    if (fh, fw) != (h, w):
+        noise = F.interpolate(noise, size=(h, w), mode="bicubic", align_corners=False)   # (B, 1, h, w)
     m = torch.ones(B, 1, h, w)
     for b in range(B):
         where = fg[b, 0].cpu().nonzero()
@@ -98,6 +102,28 @@ def sample_blob_mask(fg, gen, min_r=0.08, max_r=0.25):
     return m.to(fg.device)
 
 
+def soft_latent_mask(label, hw):
+    """An image-resolution label (B, 1, S, S) in {0, 1} -> the latent mask m (B, 1, h, w), 1 = clean: each cell
+    clean by the share of its pixels outside the lesion (area averaging). The lesion's area is kept exactly when
+    S is a multiple of h, and a cell the outline crosses is changed in part, so the decoded change follows the
+    drawn outline, not the latent grid's staircase."""
+    return 1 - F.adaptive_avg_pool2d(label, hw)
+
+
+def smooth_eta(d, sigma):
+    """d (B, c, h, w) low-passed by a Gaussian of sigma latent cells, per channel (edge padding, so a constant
+    field stays constant): removes the cell-to-cell texture of eta_pred and keeps its slow, region-wide part."""
+    if sigma <= 0:
+        return d
+    r = max(1, math.ceil(3 * sigma))
+    g = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=d.dtype, device=d.device) / sigma) ** 2)
+    g = g / g.sum()
+    c = d.shape[1]
+    d = F.pad(d, (r, r, r, r), mode="replicate")
+    d = F.conv2d(d, g.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)                      # along x
+    return F.conv2d(d, g.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)                   # along y
+
+
 def synthesise(z_n, m, C, eta_pred=None, n=None):
     """z_anom = z_n + C * (1 - m) * d, with d = eta_pred (the method) or n (the control), scaled to unit RMS
     inside the mask, so that C is the deviation's size in units of the (standardised) latent's std.
@@ -108,29 +134,43 @@ def synthesise(z_n, m, C, eta_pred=None, n=None):
     return z_n + C.view(-1, 1, 1, 1) * inside * d / rms.sqrt().clamp_min(1e-6).view(-1, 1, 1, 1)
 
 
-def foreground(views, hw, frac=0.1):
-    """Where the anatomy is, on the latent grid: pixels brighter than frac of the image's max. (N, 1, h, w) bool."""
+def foreground(views, hw=None, frac=0.1):
+    """Where the anatomy is, on a grid hw (default: the views' own): pixels brighter than frac of the image's max.
+    (N, 1, h, w) bool."""
+    hw = hw or views.shape[-2:]
     g = F.adaptive_avg_pool2d(views.mean(1, keepdim=True), hw)     # (N, 1, h, w)
     return g > frac * g.flatten(1).amax(1).view(-1, 1, 1, 1)
 
 
-def sample_synthesis(z_n, fg, C_range, mask="blobs", gen=None, t_min=0):
-    """The random draws of one synthesis of a batch z_n (B, c, h, w): the anomaly's mask m (1 = clean; smooth
-    blobs inside the foreground fg, or DeCo-Diff patches), its size C ~ U(C_range), the noise n and the step
-    t ~ U{t_min..T-1} of the masked forward. The learned anomaly and its control share them."""
+def sample_synthesis(z_n, fg, C_range, mask="lesions", gen=None, t_min=0):
+    """The random draws of one synthesis of a batch z_n (B, c, h, w): the anomaly's region, its size
+    C ~ U(C_range), the noise n and the step t ~ U{t_min..T-1} of the masked forward. The learned anomaly and
+    its control share them. fg (B, 1, S, S) bool: the anatomy at image resolution (foreground). The region:
+      lesions  a smooth blob drawn at image resolution inside fg; the label is that blob, the latent mask m its
+               area share per cell (soft_latent_mask)
+      blobs    the same kind of blob drawn on the latent grid (its outline is the grid's staircase)
+      patches  DeCo-Diff's square patches on the latent grid
+    Returns m (B, 1, h, w), 1 = clean, the label (B, 1, S, S), 1 = anomalous, C, n and t."""
     B, (h, w), device = len(z_n), z_n.shape[-2:], z_n.device
     C = (C_range[0] + (C_range[1] - C_range[0]) * torch.rand(B, generator=gen)).to(device)
-    m = sample_blob_mask(fg, gen) if mask == "blobs" else sample_patch_mask(B, h, w, gen, device)[0]
+    if mask == "lesions":
+        label = 1 - sample_blob_mask(fg, gen, field_hw=(h, w))
+        m = soft_latent_mask(label, (h, w))
+    else:
+        fg_latent = F.adaptive_avg_pool2d(fg.float(), (h, w)) > 0.5
+        m = sample_blob_mask(fg_latent, gen) if mask == "blobs" else sample_patch_mask(B, h, w, gen, device)[0]
+        label = F.interpolate(1 - m, size=fg.shape[-2:], mode="nearest")
     n = torch.randn(z_n.shape, generator=gen).to(device)
     t = torch.randint(t_min, T, (B,), generator=gen).to(device)
-    return dict(m=m, C=C, n=n, t=t)
+    return dict(m=m, label=label, C=C, n=n, t=t)
 
 
-def synthesise_latent(z_n, draws, eta=None, abar=None, grad=False, grey=None, grey_base=None):
+def synthesise_latent(z_n, draws, eta=None, abar=None, grad=False, grey=None, grey_base=None, smooth=0.0):
     """z_anom = z_n + C (1 - m) eta_pred, eta_pred = eta_theta(x_t, t) one step from a masked forward of z_n whose
     mask is the anomaly's (the method); with eta None, z_n + C (1 - m) n (the latent-noise control). Returns
     z_anom and eta_pred (None for the control). grad=False: the detector's loss cannot reach eta_theta, since a
     generator trained against the detector learns the anomalies easiest to detect, not plausible ones.
+    smooth: eta_pred low-passed by a Gaussian of that many latent cells first (smooth_eta; the control's n is not).
     grey: R(z) = E(grey(D(z))) (encode.grey_round_trip) for grey-scale images in a colour latent space, and
     grey_base R(z_n) if it is at hand: see keep_grey."""
     m, C, n, t = draws["m"], draws["C"], draws["n"], draws["t"]
@@ -140,7 +180,7 @@ def synthesise_latent(z_n, draws, eta=None, abar=None, grad=False, grey=None, gr
         x_t, _ = masked_forward(z_n, m, t, n, abar)
         with torch.enable_grad() if grad else torch.no_grad():
             eta_pred = eta(x_t, t)
-        z_anom = synthesise(z_n, m, C, eta_pred=eta_pred)
+        z_anom = synthesise(z_n, m, C, eta_pred=smooth_eta(eta_pred, smooth))
     return (z_anom if grey is None else keep_grey(z_n, z_anom, m, grey, grey_base)), eta_pred
 
 

@@ -44,8 +44,10 @@ import calibration
 import data
 import encode
 import exports
+import folders
 import mediclip
 import metrics
+import scans
 import studies
 from runfiles import (CheckpointError, bf16_autocast, check_writable, code_version, load_checkpoint, pick_device,
                       write_json)
@@ -222,25 +224,6 @@ def print_summary(m):
     print("\n".join(lines))
 
 
-def own_images(folder, scan=None):
-    """The images under `folder` that can be read, and every file left out with its one-line reason. An own
-    folder is scored as far as it can be; a labelled split instead fails on its first bad file."""
-    records, skipped = data.list_images(folder, scan)                 # skipped: files of formats not read here
-    readable = []
-    for r in records:                      # decoded once ahead: a small cost next to the CLIP forward of each
-        try:
-            data.read_image(r)
-            readable.append(r)
-        except data.DataError as e:
-            skipped.append((r["path"], str(e)))
-    for _, why in skipped:
-        print(f"skipped {why}")
-    if not readable:
-        raise data.DataError(f"{folder}: none of its {len(records)} image file(s) could be read"
-                             + (f" ({len(skipped)} skipped, reasons above)" if skipped else ""))
-    return readable, skipped
-
-
 def main(args):
     if not args.zero_shot and not args.ckpt:
         raise CheckpointError("give --ckpt FILE, or --zero-shot")
@@ -259,7 +242,7 @@ def main(args):
     args.slice_axis = args.slice_axis or cfg0.get("slice_axis") or "axial"
     skipped = []
     if args.images:                                    # listed and read before the model loads: fails in a second
-        records, skipped = own_images(args.images, data.scan_options(args))
+        records, skipped = folders.own_images(args.images, data.scan_options(args))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -323,7 +306,8 @@ def write_report(out, name, records, maps, member_scores, masks, ckpts, paths, b
         known = data.has_mask(records[i]) or (has_masks and records[i]["label"] == 0)
         caption = exports.overlay_caption(score[i], None if probs is None else probs[i], records[i]["label"])
         exports.write_overlay(os.path.join(out, f"overlay_{rank:02d}_{safe}.png"), data.read_image(records[i]),
-                              mean_map[i].astype(np.float32), masks[i] if known else None, scale, caption)
+                              mean_map[i].astype(np.float32), masks[i] if known else None, scale, caption,
+                              scans.display_sides(records[i]))
     print(f"wrote {out}/scores.csv and {len(picks)} overlays")
     if args.save_maps:
         exports.save_maps(out, records, mean_map, score, probs)

@@ -70,11 +70,12 @@ def fit_side(h, w, side=320):
     return max(1, round(h * k)), max(1, round(w * k))
 
 
-def write_overlay(path, image, amap, mask, scale, caption):
+def write_overlay(path, image, amap, mask, scale, caption, sides=None):
     """image | anomaly map over it | mask, in the image's own aspect ratio, a caption line (score, probability,
     call, truth) and a colour bar. scale (lo, hi): one range for every overlay of a run, so that a normal image's
     map is as cool as its values are, not stretched to its own max. image (H, W, 3) in [0, 1]; amap (S, S);
-    mask (S, S) or None (a grey panel saying there is none)."""
+    mask (S, S) or None (a grey panel saying there is none). sides: the patient directions at the image's left and
+    right edges, e.g. ("R", "L") for a volume slice (scans.display_sides), marked on the image and map panels."""
     from PIL import ImageDraw
     h, w = fit_side(*image.shape[:2])
     img = np.asarray(Image.fromarray((image * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR))
@@ -95,6 +96,9 @@ def write_overlay(path, image, amap, mask, scale, caption):
     draw.text((4, 2), caption, fill=(0, 0, 0))
     draw.text((4, 16), f"map colours: one scale for the whole run, [{scale[0]:.3f}, {scale[1]:.3f}] "
               f"(the run's map values, low to high)", fill=(90, 90, 90))
+    for left in (0, w) if sides else ():                  # the patient's sides on the image and map panels
+        draw.text((left + 3, 30 + h // 2), sides[0], fill=(255, 255, 0), anchor="lm")
+        draw.text((left + w - 3, 30 + h // 2), sides[1], fill=(255, 255, 0), anchor="rm")
     x = body.shape[1] + 3
     for frac, value in ((0, scale[1]), (0.5, (scale[0] + scale[1]) / 2), (1, scale[0])):
         draw.text((x, 30 + min(int(frac * h), h - 10)), f"{value:.3f}", fill=(0, 0, 0))

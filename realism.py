@@ -69,7 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--C", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="override the C range")
     p.add_argument("--t-min", type=int, default=0, help="least step t of the masked forward the synthesis draws "
                    "(train.py: 0, every step)")
-    p.add_argument("--synth-mask", default=None, choices=["blobs", "patches"], help="override the mask shapes")
+    p.add_argument("--synth-mask", default=None, choices=["lesions", "blobs", "patches"],
+                   help="override the mask shapes")
+    p.add_argument("--eta-smooth", type=float, default=None, help="override train.py --eta-smooth (latent cells)")
     p.add_argument("--grey", default=None, choices=["decode", "off"],
                    help="override train.py --grey: keep grey images' latent anomalies grey (deviation.keep_grey)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="synthesis modes to measure")
@@ -149,16 +151,16 @@ def synthesise_modes(ckpt, vae, pool, n, seed, settings, modes, device):
     z_pool = (encode.encode_latents(vae, x) - mean) / std                                     # (P, c, h, w)
     z_n = z_pool[idx]                                                                         # (n, c, h, w)
     gen = torch.Generator().manual_seed(seed)
-    draws = deviation.sample_synthesis(z_n, deviation.foreground(x, z_n.shape[-2:])[idx], settings["C"],
-                                       settings["mask"], gen, settings["t_min"])
+    draws = deviation.sample_synthesis(z_n, deviation.foreground(x)[idx], settings["C"], settings["mask"], gen,
+                                       settings["t_min"])
     grey = encode.grey_for(settings["grey"], cfg["vae"], vae, x, mean, std)
     base = None if grey is None else grey(z_pool)[idx]                                        # R(z_n), once
     decode = lambda zz: torch.cat([encode.vae_decode(vae, zb * std + mean) for zb in zz.split(16)])
-    mask_img = F.interpolate(1 - draws["m"], size=x.shape[-2:], mode="nearest").cpu()        # (n, 1, S, S)
+    mask_img = draws["label"].cpu()                                                           # (n, 1, S, S)
     for mode, e in (("deviation", eta), ("latent-noise", None)):
         if mode in modes:
             z_a = deviation.synthesise_latent(z_n, draws, e, deviation.cosine_abar().to(device), grey=grey,
-                                              grey_base=base)[0]
+                                              grey_base=base, smooth=settings["eta_smooth"])[0]
             groups[mode] = keep_lesions(decode(z_a).cpu(), mask_img)   # DeCo-Diff patches may corrupt nothing
     for mode in ("mediclip", "pixel-noise"):
         if mode in modes:
@@ -252,10 +254,11 @@ def main(args):
         if (c["config"]["vae"], c["config"]["image_size"]) != (cfg["vae"], S):
             raise ValueError(f"{p}: VAE or image size differs from {args.ckpt[0]}'s; the seeds must share them")
     settings = dict(C=list(args.C or cfg["C"]), mask=args.synth_mask or cfg["synth_mask"],
-                    grey=args.grey or cfg.get("grey", "off"),
-                    t_min=args.t_min)
+                    grey=args.grey or cfg.get("grey", "off"), t_min=args.t_min,
+                    eta_smooth=cfg.get("eta_smooth", 0.0) if args.eta_smooth is None else args.eta_smooth)
     warnings = [w for c, p in zip(ckpts, args.ckpt) for w in synthesise.checkpoint_warnings(c["config"], p)]
-    trained = dict(C=list(cfg["C"]), mask=cfg["synth_mask"], grey=cfg.get("grey", "off"), t_min=0)
+    trained = dict(C=list(cfg["C"]), mask=cfg["synth_mask"], grey=cfg.get("grey", "off"), t_min=0,
+                   eta_smooth=cfg.get("eta_smooth", 0.0))
     if settings != trained:   # e.g. --grey decode on a checkpoint from before train.py had --grey
         warnings.append("synthesis settings differ from those the checkpoint trained with: " + ", ".join(
             f"{k} {trained[k]} -> {v}" for k, v in settings.items() if trained[k] != v))

@@ -17,12 +17,22 @@ A volume's slices and a file's frames are named FILE#z=K (axis letter, 0-based i
     n = scans.count_images(path, axis="axial")                        # frames or slices, from the header
     img = scans.read_scan(path, index=0, axis="axial", window=None)    # (H, W) in [0, 1]
 """
+import contextlib
 import functools
 import gzip
+import logging
 import os
+import re
+import sys
+import tempfile
+import warnings
 
 import numpy as np
 
+# pydicom's warnings about malformed values name no file: each problem is said once, with the file, where it matters
+warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
+logging.getLogger("pydicom").addHandler(logging.NullHandler())      # its decoders log tracebacks on failure
+logging.getLogger("pydicom").propagate = False
 DICOM_EXTS = (".dcm", ".dicom")
 NIFTI_EXTS = (".nii", ".nii.gz")
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}      # array axes of a RAS+ canonical volume
@@ -81,14 +91,94 @@ NOT_IMAGES = {"SEG": "a segmentation", "RTSTRUCT": "radiotherapy structures", "R
               "KO": "a key-object selection", "PR": "a presentation state", "REG": "a registration", "DOC": "a document"}
 
 
-def read_dicom_header(path):
+DICOMDIR_UID = "1.2.840.10008.1.3.10"         # Media Storage Directory Storage: a DICOMDIR
+NO_HEADER = "the file lacks a DICOM header (no 'DICM' preamble or file meta) and was read anyway"
+
+
+@contextlib.contextmanager
+def quiet(path):
+    """Decoder and reader noise, attributed to its file: Python warnings are silenced, and what C decoders
+    (openjpeg, gdcm) write to the process's stderr is captured; a ScanError raised inside gets it appended."""
+    with tempfile.TemporaryFile() as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        except ScanError as e:
+            os.dup2(saved, 2)
+            f.seek(0)
+            said = " ".join(f.read().decode(errors="replace").split())[:200]
+            raise ScanError(f"{e} (the decoder said: {said})" if said else str(e)) from None
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def dcmread(path, **kw):
+    """pydicom.dcmread, and with force when the file lacks the DICOM preamble and file meta (old files, some
+    exports): then ds.forced is True and, where pydicom can tell, a transfer syntax is filled in to decode with.
+    A forced read that finds no DICOM dataset in the file is a ScanError."""
     import pydicom
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise ScanError(f"{path}: empty file (0 bytes)")
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        try:
+            ds, forced = pydicom.dcmread(path, **kw), False
+        except pydicom.errors.InvalidDicomError:
+            ds, forced = pydicom.dcmread(path, force=True, **kw), True
     except Exception as e:
         raise ScanError(f"{path}: not a readable DICOM file ({one_line(e)})") from None
+    if forced:
+        if not any(k in ds for k in ("SOPClassUID", "Modality", "Rows", "PatientID", "StudyInstanceUID")):
+            raise ScanError(f"{path}: not a DICOM file: it has no DICOM header (no 'DICM' preamble or file meta), "
+                            f"and read anyway its content is no DICOM dataset")
+        if "TransferSyntaxUID" not in ds.file_meta and getattr(ds, "original_encoding", None):
+            implicit, little = ds.original_encoding
+            ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian if implicit else (
+                pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
+    ds.forced = forced
+    return ds
+
+
+def header_int(ds, key, default=None):
+    """An integer header value, or default when absent or empty; None when present but not a number (badly
+    written files carry IS values like '1A')."""
+    value = ds.get(key, None)
+    if value is None or str(value).strip() == "":
+        return default
+    try:
+        return int(float(str(value)))
+    except ValueError:
+        return None
+
+
+def not_an_image(ds):
+    """Why a DICOM dataset (header) is not an image to score, in a user's words; None when it is one."""
+    modality = str(ds.get("Modality", "")).upper()
+    sop = str(ds.get("SOPClassUID", "") or ds.get("file_meta", {}).get("MediaStorageSOPClassUID", ""))
+    if sop == DICOMDIR_UID or "DirectoryRecordSequence" in ds:
+        why = "a DICOMDIR (a media directory: it lists the DICOM files of a disc or export, and holds no image)"
+    elif "WaveformSequence" in ds:
+        why = f"a DICOM waveform ({'an ECG' if modality == 'ECG' else modality or 'signals'}), not an image"
+    elif modality in NOT_IMAGES:
+        why = f"a DICOM {modality} object ({NOT_IMAGES[modality]}), not an image"
+    elif not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        why = "a DICOM file without pixel data (a header only)"
+    elif header_int(ds, "Rows", 0) in (None, 0) or header_int(ds, "Columns", 0) in (None, 0):
+        why = f"its image size is missing or malformed (Rows '{ds.get('Rows', '')}', Columns '{ds.get('Columns', '')}')"
+    elif header_int(ds, "NumberOfFrames", 1) in (None, 0):
+        why = f"its NumberOfFrames is '{ds.get('NumberOfFrames')}', not a number of frames"
+    else:
+        return None
+    return why + (f"; {NO_HEADER}" if getattr(ds, "forced", False) else "")
+
+
+def read_dicom_header(path):
+    """The header, and whether pixel data is there (its value is not read)."""
+    with quiet(path):
+        return dcmread(path, defer_size=1024)
 
 
 def dicom_pixels(path):
@@ -99,29 +189,33 @@ def dicom_pixels(path):
 
 @functools.lru_cache(maxsize=2)
 def _dicom_pixels(path, mtime):
-    import pydicom
-    try:
-        ds = pydicom.dcmread(path)
-    except Exception as e:
-        raise ScanError(f"{path}: not a readable DICOM file ({one_line(e)})") from None
-    if "PixelData" not in ds:
-        raise ScanError(f"{path}: a DICOM file without pixel data (a report or a structured document?)")
-    syntax = ds.file_meta.get("TransferSyntaxUID")
-    try:
-        arr = ds.pixel_array
-    except Exception as e:
-        if syntax is not None and syntax.is_compressed:
-            raise ScanError(f"{path}: its pixel data is compressed ({syntax.name}) and could not be decoded "
-                            f"({one_line(e)}); if a decoder is missing: pip install pylibjpeg pylibjpeg-libjpeg "
-                            f"pylibjpeg-openjpeg (or python-gdcm)") from None
-        raise ScanError(f"{path}: unreadable DICOM pixel data, truncated or corrupt ({one_line(e)})") from None
+    with quiet(path):
+        ds = dcmread(path)
+        why = not_an_image(ds)
+        if why:
+            raise ScanError(f"{path}: {why}")
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        try:
+            arr = ds.pixel_array
+        except Exception as e:
+            short = re.search(r"less than expected \((\d+) vs (\d+) bytes\)", str(e))
+            if short:
+                raise ScanError(f"{path}: truncated: its pixel data holds {short[1]} of the {short[2]} bytes its "
+                                f"header describes") from None
+            if syntax is not None and syntax.is_compressed and "missing dependencies" in str(e):
+                raise ScanError(f"{path}: its pixel data is compressed ({syntax.name}) and no decoder for it is "
+                                f"installed: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or "
+                                f"python-gdcm)") from None
+            if syntax is not None and syntax.is_compressed:   # the decoders' own words come from quiet()
+                raise ScanError(f"{path}: its pixel data is compressed ({syntax.name}) and the installed decoders "
+                                f"could not decode it: corrupt, or a variant they do not support") from None
+            raise ScanError(f"{path}: unreadable DICOM pixel data, truncated or corrupt ({one_line(e)})") from None
     return ds, arr
 
 
 def dicom_frames(ds, arr):
     """(frames, H, W[, 3]) whatever the file's layout."""
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    return arr if frames > 1 else arr[None]
+    return arr if header_int(ds, "NumberOfFrames", 1) > 1 else arr[None]
 
 
 def read_dicom(path, index=0, window=None):
@@ -159,12 +253,22 @@ def voi_window(x, ds, window=None):
 # NIfTI
 
 def load_nifti(path):
-    """The image reoriented to the closest canonical orientation (RAS+)."""
+    """The image reoriented to the closest canonical orientation (RAS+). NIfTI-1 and NIfTI-2 volumes; a CIFTI-2
+    file (.dtseries.nii and kin) is said to be one."""
     import nibabel as nib
     try:
-        return nib.as_closest_canonical(nib.load(path))
+        img = nib.load(path)
     except Exception as e:
         raise ScanError(f"{path}: not a readable NIfTI file ({one_line(e)})") from None
+    if isinstance(img, nib.Cifti2Image):
+        raise ScanError(f"{path}: a CIFTI-2 file (data on brain surfaces and grayordinates), not a voxel volume")
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise ScanError(f"{path}: a {type(img).__name__.replace('Image', '')} file, not a NIfTI volume")
+    try:
+        return nib.as_closest_canonical(img)
+    except Exception as e:
+        kind = "NIfTI-2" if isinstance(img, nib.Nifti2Image) else "NIfTI"
+        raise ScanError(f"{path}: a {kind} file whose orientation cannot be read ({one_line(e)})") from None
 
 
 def nifti_volume(img, path):
@@ -185,9 +289,28 @@ def nifti_volume(img, path):
 
 
 def nifti_slice(volume, index, axis):
-    """Slice `index` along `axis` of a canonical volume, rotated so that anterior (or superior) is up. (H, W)"""
+    """Slice `index` along `axis` of a canonical (RAS+) volume as clinical viewers and DICOM series show it
+    (radiological): anterior or superior up, the patient's right on the image's left (sagittal: anterior left).
+    (H, W)"""
     # a view, then one copy (np.take along the last, fastest axis is a slow gather: 60 ms for a 256^2 slice)
-    return np.ascontiguousarray(np.rot90(volume[(slice(None),) * axis + (index,)]))
+    return np.ascontiguousarray(np.fliplr(np.rot90(volume[(slice(None),) * axis + (index,)])))
+
+
+def display_sides(rec):
+    """The patient directions at the left and right edges of a volume slice as shown (nifti_slice, or a DICOM
+    series as stored: its row direction cosine), e.g. ("R", "L"); None for a plain image."""
+    if rec.get("series"):
+        ds = read_dicom_header(rec["series"]["files"][0])
+        try:
+            row = [float(v) for v in ds.ImageOrientationPatient][:3]          # +column direction, in LPS
+        except (AttributeError, TypeError, ValueError):
+            return None
+        k = int(np.argmax(np.abs(row)))
+        toward = "LPS"[k] if row[k] > 0 else "RAI"[k]              # where the image's columns run, in LPS
+        return {"L": "R", "R": "L", "P": "A", "A": "P", "S": "I", "I": "S"}[toward], toward
+    if rec.get("path") and is_nifti(rec["path"]) and rec.get("index") is not None:
+        return ("A", "P") if rec["scan"]["axis"] == "sagittal" else ("R", "L")
+    return None
 
 
 @functools.lru_cache(maxsize=2)
@@ -238,16 +361,16 @@ def count_images(path, axis="axial"):
         a = AXES[axis] if shape[2] > 1 else 2
         return int(shape[a]), AXIS_LETTER[a]
     ds = read_dicom_header(path)
-    modality = str(ds.get("Modality", "")).upper()
-    if modality in NOT_IMAGES:
-        raise ScanError(f"{path}: a DICOM {modality} object ({NOT_IMAGES[modality]}), not an image")
-    return int(ds.get("NumberOfFrames", 1) or 1), "f"
+    why = not_an_image(ds)
+    if why:
+        raise ScanError(f"{path}: {why}")
+    return header_int(ds, "NumberOfFrames", 1), "f"
 
 
 def dicom_size(path):
     """(rows, columns) from a DICOM file's header, without its pixels."""
     ds = read_dicom_header(path)
-    return int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    return header_int(ds, "Rows", 0) or 0, header_int(ds, "Columns", 0) or 0
 
 
 def read_scan(path, index=0, axis="axial", window=None):
@@ -269,7 +392,7 @@ def write_map_volume(path, slices, axis, out):
         shown = torch.nn.functional.interpolate(t, size=(plane[1], plane[0]), mode="bilinear")[0, 0].numpy()
         idx = [slice(None)] * 3
         idx[a] = index
-        volume[tuple(idx)] = np.rot90(shown, k=-1)                               # back from the display rotation
+        volume[tuple(idx)] = np.rot90(np.fliplr(shown), k=-1)                    # back from the display (nifti_slice)
     back = nib.orientations.ornt_transform(nib.orientations.io_orientation(canonical.affine),
                                            nib.orientations.io_orientation(original.affine))
     volume = nib.orientations.apply_orientation(volume, back).reshape(original.shape[:3])

@@ -8,15 +8,16 @@ one volume, the way PACS exports and public archives (TCIA) deliver CT and MR.
   as ITK/GDCM and dicom2nifti do; without positions, by InstanceNumber (said)
 - named by their folder (relative to the listed root), FOLDER@SeriesNumber (else @SeriesInstanceUID) when a
   folder holds several
-- checked, each finding in one line naming the series: mixed image sizes (the majority size is kept, the other
-  files dropped: a localiser filed in the series), mixed orientations or no order at all (the series is skipped),
-  duplicate positions (the first file kept), a gap wider than 1.5x the median spacing (read as it is: each slice
-  is scored in 2D; the map volume's affine assumes the median spacing there)
+- checked, each finding in one line naming the series: mixed image sizes (the majority size is the volume; the
+  other files, a localiser filed in the series, are scored on their own), a gap wider than 1.5x the median
+  spacing (read as it is: each slice is scored in 2D; the map volume's affine assumes the median spacing there).
+  A series that cannot be one volume (mixed orientations, no order, two files at one position, a slice that
+  cannot be decoded) is not dropped: each of its files is scored on its own, with a line saying why
 - windowed as one volume, every slice on one scale (like a NIfTI volume): --window, else the first file's
   WindowCenter/WindowWidth, else the volume's 0.5-99.5 percentiles; MONOCHROME1 inverted
 
     import series
-    found, singles, bad = series.find_series(paths, root)   # [series dict], other files, [(folder, line)]
+    found, singles, alone = series.find_series(paths, root)   # [series dict], other files, {file: why alone}
     img = series.read_slice(s["files"], k)             # (H, W) in [0, 1], the k-th slice along the normal
 """
 import functools
@@ -30,7 +31,8 @@ GAP = 1.5            # a spacing this many times the median is a gap (a missing 
 
 
 def read_headers(paths):
-    """(path, header) of the single-frame DICOM images among paths; the rest, with why, for the caller."""
+    """(path, header) of the single-frame grey DICOM images among paths, which may form series; the rest (other
+    DICOM objects, colour or multi-frame files, unreadable headers) are read one by one, where scans.py says why."""
     heads, rest = [], []
     for p in paths:
         try:
@@ -38,50 +40,61 @@ def read_headers(paths):
         except scans.ScanError:
             rest.append(p)                           # scans.count_images says why, in its own line
             continue
-        single = int(ds.get("NumberOfFrames", 1) or 1) == 1
-        image = str(ds.get("Modality", "")).upper() not in scans.NOT_IMAGES and "Rows" in ds
-        if single and image and ds.get("SeriesInstanceUID"):
+        grey = scans.header_int(ds, "NumberOfFrames", 1) == 1 and scans.header_int(ds, "SamplesPerPixel", 1) == 1
+        if grey and scans.not_an_image(ds) is None and ds.get("SeriesInstanceUID"):
             heads.append((p, ds))
         else:
             rest.append(p)
     return heads, rest
 
 
+def numbers(value, n):
+    """A multi-valued DS (n numbers) as floats, or None when absent or malformed."""
+    try:
+        v = [float(x) for x in value]
+    except (TypeError, ValueError):
+        return None
+    return v if len(v) == n else None
+
+
 def slice_normal(ds):
-    iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+    iop = np.asarray(numbers(ds.ImageOrientationPatient, 6))
     return np.cross(iop[:3], iop[3:])
 
 
 def order_series(heads, name):
-    """heads of one series -> (ordered heads, positions along the normal or None, notes); None if it cannot be
-    ordered soundly."""
-    notes = []
-    sizes = [(int(ds.Rows), int(ds.Columns)) for _, ds in heads]
+    """heads of one series -> (ordered heads, positions along the normal, notes, the files left out of it with
+    why). Ordered heads None (and the reason as the last note) when the files cannot be one volume soundly:
+    the caller then scores each file on its own."""
+    notes, left = [], []
+    sizes = [(scans.header_int(ds, "Rows"), scans.header_int(ds, "Columns")) for _, ds in heads]
     size = max(set(sizes), key=sizes.count)
-    if len(set(sizes)) > 1:
-        notes.append(f"{name}: mixed image sizes {sorted(set(sizes))}; kept the {sizes.count(size)} file(s) of "
-                     f"{size[1]}x{size[0]}, dropped {len(sizes) - sizes.count(size)}")
+    if len(set(sizes)) > 1:   # a localiser filed in the series: it is scored on its own, not lost
+        notes.append(f"{name}: mixed image sizes {sorted(set(sizes))}; the {sizes.count(size)} file(s) of "
+                     f"{size[1]}x{size[0]} are the volume, the others are scored on their own")
+        left = [(p, f"{p}: {s[1]}x{s[0]} px in a series of {size[1]}x{size[0]} slices ({name}): scored on its own")
+                for (p, _), s in zip(heads, sizes) if s != size]
         heads = [h for h, s in zip(heads, sizes) if s == size]
-    if all("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for _, ds in heads):
-        iops = np.array([[float(v) for v in ds.ImageOrientationPatient] for _, ds in heads])
+    iops = [numbers(ds.get("ImageOrientationPatient"), 6) for _, ds in heads]
+    ipps = [numbers(ds.get("ImagePositionPatient"), 3) for _, ds in heads]
+    if all(v is not None for v in iops + ipps):
         if not np.allclose(iops, iops[0], atol=1e-3):
-            return None, None, notes + [f"{name}: slices of different orientations; not read as one volume"]
-        n = slice_normal(heads[0][1])
-        pos = np.array([np.dot([float(v) for v in ds.ImagePositionPatient], n) for _, ds in heads])
-    elif all("InstanceNumber" in ds for _, ds in heads):
-        notes.append(f"{name}: no ImagePositionPatient; slices ordered by InstanceNumber")
-        pos = np.array([float(ds.InstanceNumber) for _, ds in heads])
+            return None, None, notes + [f"slices of different orientations in series {name}"], left
+        pos = np.asarray(ipps) @ slice_normal(heads[0][1])
     else:
-        return None, None, notes + [f"{name}: neither ImagePositionPatient nor InstanceNumber in every file; the "
-                                    f"slices cannot be ordered"]
+        pos = [scans.header_int(ds, "InstanceNumber") for _, ds in heads]
+        if any(v is None for v in pos):
+            return None, None, notes + [f"series {name} has neither a readable ImagePositionPatient nor an "
+                                        f"InstanceNumber in every file, so its slices have no order"], left
+        notes.append(f"{name}: no ImagePositionPatient; slices ordered by InstanceNumber")
+        pos = np.asarray(pos, dtype=np.float64)
     order = np.argsort(pos, kind="stable")
     heads, pos = [heads[i] for i in order], pos[order]
     dup = np.r_[False, np.diff(pos) < 1e-3]
-    if dup.any():
-        notes.append(f"{name}: {int(dup.sum())} file(s) at a position already taken (e.g. "
-                     f"{heads[int(np.argmax(dup))][0]}); kept the first of each position")
-        heads, pos = [h for h, d in zip(heads, dup) if not d], pos[~dup]
-    return heads, pos, notes
+    if dup.any():   # the same slice twice (copies, other encodings, echoes): no sound volume
+        return None, None, notes + [f"{int(dup.sum()) + 1} files of series {name} share a slice position (e.g. "
+                                    f"{os.path.basename(heads[int(np.argmax(dup))][0])})"], left
+    return heads, pos, notes, left
 
 
 def gap_note(pos, name):
@@ -106,8 +119,9 @@ def describe(heads, pos, name, folder):
 
 def find_series(paths, root):
     """The DICOM series among paths (2 or more files of one SeriesInstanceUID; names relative to root), the
-    paths that are no series, and (folder, one line) for each series that cannot be read as a volume. What was
-    dropped or found odd in a series that is read goes into its "notes"."""
+    paths that are no series, and {path: one line} for the files among those that belong to a series that cannot
+    be read as a volume (each is scored on its own; the line says why it is not a volume). What was found odd in
+    a series that is read goes into its "notes"."""
     heads, singles = read_headers(paths)
     groups = {}
     for p, ds in heads:
@@ -118,33 +132,37 @@ def find_series(paths, root):
     for uid, hs in groups.items():
         folder = os.path.relpath(os.path.commonpath([os.path.dirname(p) for p, _ in hs]), root).replace(os.sep, "/")
         folders.setdefault(folder, []).append(uid)
-    found, bad = [], []
+    found, alone = [], {}
     for folder, uids in sorted(folders.items()):
-        numbers = [str(groups[u][0][1].get("SeriesNumber", "") or "") for u in uids]
-        for uid, number in zip(uids, numbers):
-            name = folder if len(uids) == 1 else f"{folder}@{number if numbers.count(number) == 1 else uid}"
-            ordered, pos, notes = order_series(groups[uid], name)
+        series_numbers = [str(groups[u][0][1].get("SeriesNumber", "") or "") for u in uids]
+        for uid, number in zip(uids, series_numbers):
+            name = folder if len(uids) == 1 else f"{folder}@{number if series_numbers.count(number) == 1 else uid}"
+            ordered, pos, notes, left = order_series(groups[uid], name)
+            alone.update(left)
             if ordered is None or len(ordered) < 2:
-                bad.append((os.path.join(root, folder), notes[-1] if notes else f"{name}: fewer than 2 slices left"))
+                why = notes[-1] if ordered is None else f"series {name} has 1 slice left"
+                alone.update({p: f"{p}: not read as a volume ({why}): scored on its own"
+                              for p, _ in groups[uid] if p not in alone})
                 continue
             s = describe(ordered, pos, name, folder)
             s["notes"] = notes + [n for n in [gap_note(pos, name)] if n]
             found.append(s)
-    return found, sorted(singles), bad
+    return found, sorted(singles + list(alone)), alone
 
 
 def series_affine(heads, pos):
     """The voxel-to-RAS affine of the volume read as (columns, rows, slices), NIfTI's convention; the median
     spacing along the normal. Identity when the files carry no geometry."""
     ds = heads[0][1]
-    if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+    iop, ipp = numbers(ds.get("ImageOrientationPatient"), 6), numbers(ds.get("ImagePositionPatient"), 3)
+    if iop is None or ipp is None:
         return np.eye(4).tolist()
-    iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
-    dr, dc = (float(v) for v in ds.get("PixelSpacing", [1, 1]))     # between rows, between columns
-    dz = float(np.median(np.diff(pos))) if len(pos) > 1 else float(ds.get("SliceThickness", 1) or 1)
+    iop = np.asarray(iop)
+    dr, dc = numbers(ds.get("PixelSpacing"), 2) or (1.0, 1.0)     # between rows, between columns
+    dz = float(np.median(np.diff(pos)))
     a = np.eye(4)
     a[:3, 0], a[:3, 1], a[:3, 2] = iop[:3] * dc, iop[3:] * dr, slice_normal(ds) * dz
-    a[:3, 3] = [float(v) for v in ds.ImagePositionPatient]
+    a[:3, 3] = ipp
     return (np.diag([-1, -1, 1, 1]) @ a).tolist()                   # DICOM's LPS -> NIfTI's RAS
 
 
@@ -156,6 +174,8 @@ def read_volume(files, window=None):
     for p in files:
         ds, arr = scans.dicom_pixels(p)
         stack.append(apply_modality_lut(arr, ds).astype(np.float32))
+        if stack[-1].shape != stack[0].shape:
+            raise scans.ScanError(f"{p}: pixel data of shape {stack[-1].shape} in a series of {stack[0].shape}")
     return scans.voi_window(np.stack(stack), scans.read_dicom_header(files[0]), window)
 
 

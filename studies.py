@@ -60,8 +60,9 @@ def study_scores(maps, scores, groups, rule="max"):
 
 
 def study_labels(records, groups):
-    """A study is anomalous when any of its records is; unknown (-1) when any is unknown."""
-    labels = np.array([r["label"] for r in records])
+    """A study's own label where its records carry it (a volume with a voxel mask labels its slices one by one),
+    else anomalous when any of its records is; unknown (-1) when any is unknown."""
+    labels = np.array([r.get("study_label", r["label"]) for r in records])
     return np.array([-1 if (labels[idx] < 0).any() else labels[idx].max() for _, idx in groups])
 
 
@@ -75,14 +76,14 @@ def split_by_study(records, groups, frac, seed):
 
 
 def identity(rec):
-    """What names a study: its kind and, for a DICOM series, its UID, patient and date."""
-    s = rec.get("series")
+    """What names a study: its kind, its files (';'-joined) and, for a DICOM series, its UID, patient and date."""
+    s, files = rec.get("series"), ";".join(data.study_files(rec))
     if s:
         return dict(kind="dicom series", series_uid=s["uid"], patient_id=s["patient_id"], study_date=s["study_date"],
-                    notes="; ".join(s["notes"]))
+                    notes="; ".join(s["notes"]), files=files)
     kind = "nifti volume" if rec.get("path") and scans.is_nifti(rec["path"]) else \
         "dicom file" if rec.get("index") is not None else "image"
-    return dict(kind=kind, series_uid="", patient_id="", study_date="", notes="")
+    return dict(kind=kind, series_uid="", patient_id="", study_date="", notes=rec.get("note", ""), files=files)
 
 
 def write_map_volume(records, idx, amaps, out):
@@ -103,7 +104,7 @@ def write_map_volume(records, idx, amaps, out):
 def write_studies(path, rows):
     """studies.csv: a header and one row per study."""
     keys = ["study", "kind", "series_uid", "patient_id", "study_date", "slices_scored", "score", "probability",
-            "call", "peak_slice", "label", "map", "notes"]
+            "call", "peak_slice", "label", "map", "notes", "files"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, keys, extrasaction="ignore")
         w.writeheader()

@@ -218,15 +218,15 @@ def main(args):
     # the synthesis, exactly as in training: standardised latents, the same draws for learned and control
     z = encode.encode_latents(vae, views)                                                     # (n, c, h, w)
     z_n = (z - mean) / std
-    draws = deviation.sample_synthesis(z_n, deviation.foreground(views, z.shape[-2:]), cfg["C"], cfg["synth_mask"],
+    draws = deviation.sample_synthesis(z_n, deviation.foreground(views), cfg["C"], cfg["synth_mask"],
                                        torch.Generator().manual_seed(args.seed))
     base = None if grey is None else grey(z_n)                                                # R(z_n), once for both
     z_l, eta_pred = deviation.synthesise_latent(z_n, draws, eta, deviation.cosine_abar().to(device), grey=grey,
-                                                grey_base=base)
+                                                grey_base=base, smooth=cfg.get("eta_smooth", 0.0))
     z_c, _ = deviation.synthesise_latent(z_n, draws, None, grey=grey, grey_base=base)
     decode = lambda zz: encode.vae_decode(vae, zz * std + mean)
     x0, x_l, x_c = decode(z_n), decode(z_l), decode(z_c)                                        # (n, 3, S, S)
-    mask_img = F.interpolate(1 - draws["m"], size=views.shape[-2:], mode="nearest")            # (n, 1, S, S)
+    mask_img = draws["label"]                                                                  # (n, 1, S, S)
 
     reach = decoder_reach(vae, z)
     learned = measure(x0, x_l, mask_img, reach, z_n, z_l, proj)

@@ -82,8 +82,11 @@ def parse_args(argv=None):
                    "mediclip: MediCLIP's pixel tasks; pixel-noise: Gaussian noise in a random mask; mix: "
                    "deviation and mediclip anomalies in every step")
     p.add_argument("--bank", type=int, default=128, help="pixel-space modes: synthesised views encoded once")
-    p.add_argument("--synth-mask", default="blobs", choices=["blobs", "patches"],
-                   help="anomaly regions: smooth blobs inside the foreground, or DeCo-Diff patches")
+    p.add_argument("--synth-mask", default="blobs", choices=["lesions", "blobs", "patches"],
+                   help="anomaly regions: lesions (smooth blobs drawn at image resolution, soft latent masks), blobs "
+                   "(the same drawn on the latent grid) or DeCo-Diff patches (deviation.sample_synthesis)")
+    p.add_argument("--eta-smooth", type=float, default=0.0, help="low-pass eta_pred by a Gaussian of this many "
+                   "latent cells before it synthesises (deviation.smooth_eta; 0: off)")
     p.add_argument("--C", type=float, nargs=2, default=[1.0, 3.0], metavar=("LO", "HI"),
                    help="deviation size in latent stds, drawn uniformly from [LO, HI]")
     p.add_argument("--grey", default="decode", choices=["decode", "off"], help="grey-scale images in a VAE that "
@@ -239,7 +242,7 @@ def main(args):
     del tokens_model  # the loop never runs the frozen image encoders
     encode_s = time.time() - t0
     z_n, z_mean, z_std = standardise(z)                    # per channel, with statistics of the views
-    fg = deviation.foreground(views, z.shape[-2:]).to(device)
+    fg = deviation.foreground(views).to(device)          # (k V, 1, S, S) bool
     grey = grey_base = None  # a colour VAE tints grey anomalies: keep them grey (deviation.keep_grey)
     if uses_latent and args.grey == "decode" and encode.decodes_colour(args.vae) and encode.is_grey(views):
         vae = encode.load_vae(args.vae, args.vae_weights, args.random_init).to(device)
@@ -288,11 +291,11 @@ def main(args):
                     x_t, eta_target = deviation.masked_forward(z0, m, t, deviation.sample_noise(z0, s, gen), abar)
                     loss_deco = F.mse_loss(eta(x_t, t).float(), eta_target)
 
-                if uses_latent:  # 2. synthesis: z_anom = z_n + C (1 - m_s) eta_pred (or n), label = 1 - m_s
+                if uses_latent:  # 2. synthesis: z_anom = z_n + C (1 - m) eta_pred (or n), label = the region
                     draws = deviation.sample_synthesis(z0, fg_b, args.C, args.synth_mask, gen)
-                    z_anom, m_s = deviation.synthesise_latent(z0, draws, eta if uses_eta else None, abar,
-                                                              args.det_trains_eta, grey,
-                                                              None if grey is None else grey_base[idx])[0], draws["m"]
+                    z_anom = deviation.synthesise_latent(z0, draws, eta if uses_eta else None, abar,
+                                                         args.det_trains_eta, grey,
+                                                         None if grey is None else grey_base[idx], args.eta_smooth)[0]
 
                     # 3. project into CLIP token space; keep P aligned with the real tokens of the same views
                     projected = proj(torch.cat([z_anom, z0]))                         # list of (2B, D, H, W)
@@ -300,7 +303,7 @@ def main(args):
                     normals.append([p[B:] for p in projected])
                     if not warm:  # eta_theta's output is used only after its warm-up
                         anomalies.append([p[:B] for p in projected])
-                        labels.append(F.interpolate(1 - m_s, size=(S, S), mode="nearest"))   # (B, 1, S, S)
+                        labels.append(draws["label"])                                    # (B, 1, S, S)
 
                 if uses_bank:  # pixel-space anomalies, encoded by the frozen CLIP once before the loop
                     j = torch.randint(len(bank_masks), (B,), generator=gen)
@@ -352,7 +355,7 @@ def main(args):
     synth_tokens = None if not uses_latent else lambda s: proj(deviation.synthesise_latent(
         z_n[s], deviation.sample_synthesis(z_n[s], fg[s], args.C, args.synth_mask, cal_gen),
         eta if uses_eta else None, abar, grey=grey,
-        grey_base=None if grey is None else grey_base[s])[0])
+        grey_base=None if grey is None else grey_base[s], smooth=args.eta_smooth)[0])
     calibration = calib.calibration_set(det, text, S, real, synth_tokens, (bank, bank_masks) if uses_bank else None,
                                         args)
     calib_s = time.time() - t0 - encode_s - train_s

@@ -12,6 +12,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import augment  # noqa: E402
 import data  # noqa: E402
+import folders  # noqa: E402
 from data import DataError  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -132,15 +133,15 @@ def test_list_images(tmp_path):
     for p in ["a.PNG", "sub/b.jpg", "sub/deeper/c.tiff", "sub/d.Jpeg"]:
         save(tmp_path / "f" / p, rgb(32, 32))
     (tmp_path / "f" / "notes.txt").write_text("x")
-    recs, other = data.list_images(str(tmp_path / "f"))
+    recs, other = folders.list_images(str(tmp_path / "f"))
     assert [r["name"] for r in recs] == ["a.PNG", "sub/b.jpg", "sub/d.Jpeg", "sub/deeper/c.tiff"]
     assert len(other) == 1 and ".txt is not a format read here" in other[0][1]     # said, not dropped silently
     assert all(r["label"] == -1 and r["cls"] == "unknown" for r in recs)
     (tmp_path / "e").mkdir()
     with pytest.raises(DataError, match="no images"):
-        data.list_images(str(tmp_path / "e"))
+        folders.list_images(str(tmp_path / "e"))
     with pytest.raises(DataError, match="missing"):
-        data.list_images(str(tmp_path / "missing"))
+        folders.list_images(str(tmp_path / "missing"))
 
 
 def test_sample_shots():
@@ -237,3 +238,13 @@ def test_a_missing_dataset_says_where_it_comes_from_and_which_flag(tmp_path):
         data.load_split("brainmri", tmp_path / "nowhere", "train")
     msg = str(e.value)
     assert "Kaggle" in msg and "cnulab/MediCLIP" in msg and "--data-root" in msg and "does not exist" in msg
+
+
+def test_a_typod_dataset_name_suggests_the_nearest(tmp_path):
+    (tmp_path / "brainmri").mkdir()
+    (tmp_path / "busi").mkdir()
+    with pytest.raises(data.DataError, match=r"dataset 'brianmri' not found .*; did you mean brainmri\? "
+                                             r"\(here: brainmri, busi\)"):
+        data.load_split("brianmri", tmp_path, "train")
+    with pytest.raises(data.DataError, match="did you mean busi"):
+        data.load_split("bussi", tmp_path / "nowhere", "train")        # a known name, not downloaded yet

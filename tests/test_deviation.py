@@ -1,5 +1,6 @@
 """The masked forward process, the masks, eta_theta and one-step synthesis."""
 import torch
+import torch.nn.functional as F
 
 import deviation
 
@@ -88,3 +89,61 @@ def test_unet_shapes_and_fits_a_tiny_problem():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10
+
+
+def disc(S, cy, cx, r):
+    yy, xx = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
+    return (((yy - cy) ** 2 + (xx - cx) ** 2).sqrt() <= r).float()[None, None]             # (1, 1, S, S)
+
+
+def outline_error(shape, cy, cx, r):
+    """Mean |distance to the centre - r| over the outline pixels of a bool (S, S) shape: 0 for a perfect disc."""
+    S = shape.shape[-1]
+    yy, xx = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
+    edge = shape & ~(-F.max_pool2d(-shape[None, None].float(), 3, stride=1, padding=1)[0, 0]).bool()
+    return (((yy - cy) ** 2 + (xx - cx) ** 2).sqrt()[edge] - r).abs().mean()
+
+
+def test_soft_latent_masks_keep_a_discs_area_and_its_smooth_outline():
+    """A disc drawn at image resolution, carried to an 8x coarser latent grid: the soft mask holds its area
+    exactly, and its outline (read back bilinearly) follows the circle; the hard latent mask is a staircase."""
+    S, h, cy, cx, r = 224, 28, 101.3, 117.8, 37.5
+    label = disc(S, cy, cx, r)
+    m = deviation.soft_latent_mask(label, (h, h))
+    assert m.shape == (1, 1, h, h) and 0 <= m.min() and m.max() <= 1
+    torch.testing.assert_close((1 - m).sum() * (S // h) ** 2, label.sum())            # the area, exactly
+    assert ((m > 0) & (m < 1)).sum() > 20                                              # the outline's cells: in part
+    soft = F.interpolate(1 - m, size=(S, S), mode="bilinear", align_corners=False)[0, 0] >= 0.5
+    hard = F.interpolate(((1 - m) >= 0.5).float(), size=(S, S), mode="nearest")[0, 0].bool()
+    assert outline_error(soft, cy, cx, r) < 1.0 < 1.5 < outline_error(hard, cy, cx, r)
+
+
+def test_lesion_draws_label_at_image_resolution_inside_the_anatomy():
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(6, 2, 8, 8, generator=g)
+    fg = torch.zeros(6, 1, 64, 64, dtype=torch.bool)
+    fg[:, :, 10:54, 16:60] = True
+    draws = deviation.sample_synthesis(z, fg, (1.0, 3.0), "lesions", g)
+    label, m = draws["label"], draws["m"]
+    assert label.shape == (6, 1, 64, 64) and m.shape == (6, 1, 8, 8)
+    assert label.flatten(1).amax(1).eq(1).all() and not (label.bool() & ~fg).any()
+    torch.testing.assert_close(1 - m, F.adaptive_avg_pool2d(label, (8, 8)))
+    # the other modes give their latent mask at image resolution as the label
+    for mode in ("blobs", "patches"):
+        d = deviation.sample_synthesis(z, fg, (1.0, 3.0), mode, g)
+        assert torch.equal(d["label"], F.interpolate(1 - d["m"], size=(64, 64), mode="nearest"))
+
+
+def test_smooth_eta_keeps_constants_and_removes_fine_texture():
+    from synthesise import spectrum_slope
+    g = torch.Generator().manual_seed(4)
+    const = torch.full((2, 3, 16, 16), 0.7)
+    torch.testing.assert_close(deviation.smooth_eta(const, 1.5), const)
+    noise = torch.randn(8, 4, 32, 32, generator=g)
+    assert torch.equal(deviation.smooth_eta(noise, 0), noise)
+    smooth = deviation.smooth_eta(noise, 1.5)
+    assert smooth.shape == noise.shape
+    assert spectrum_slope(smooth).mean() < spectrum_slope(noise).mean() - 2       # much redder than white noise
+    # cell-to-cell differences shrink far more than the field itself
+    diff = lambda d: (d[..., 1:] - d[..., :-1]).pow(2).mean() / d.pow(2).mean()
+    assert diff(smooth) < 0.2 * diff(noise)

@@ -13,6 +13,7 @@ from sklearn.metrics import average_precision_score
 import augment
 import data
 import evaluate
+import scans
 import series
 import studies
 import toy_volumes
@@ -97,14 +98,17 @@ def test_malformed_series_one_line_each_and_the_rest_scored(tmp_path, run):
                                            str(tmp_path / "out"), "--overlays", "0", "--all-slices"]))
     assert m is None
     rows = {r["study"]: r for r in read_csv(tmp_path / "out" / "studies.csv")}
-    assert set(rows) == {"two@1", "two@2", "gap", "dup", "mixed", "vol.nii.gz"}
-    assert rows.pop("vol.nii.gz")["kind"] == "nifti volume"
-    assert all(r["kind"] == "dicom series" for r in rows.values())
+    assert {k for k, r in rows.items() if r["kind"] == "dicom series"} == {"two@1", "two@2", "gap", "mixed"}
+    assert rows["vol.nii.gz"]["kind"] == "nifti volume"
     assert rows["gap"]["slices_scored"] == "7" and "gap" in rows["gap"]["notes"]
-    assert rows["dup"]["slices_scored"] == "8" and "position already taken" in rows["dup"]["notes"]
     assert rows["mixed"]["slices_scored"] == "8" and "mixed image sizes" in rows["mixed"]["notes"]
-    skipped = read_csv(tmp_path / "out" / "skipped.csv")
-    assert len(skipped) == 1 and "broken" in skipped[0]["path"] and "cannot be ordered" in skipped[0]["reason"]
+    assert len(rows["mixed"]["files"].split(";")) == 8 and "scored on its own" in rows["mixed/localiser"]["notes"]
+    # series that cannot be one volume: every file scored on its own, with why; nothing skipped, nothing lost
+    dup = [r for k, r in rows.items() if k.startswith("dup/")]
+    assert len(dup) == 9 and all("share a slice position" in r["notes"] for r in dup)
+    broken = [r for k, r in rows.items() if k.startswith("broken/")]
+    assert len(broken) == 8 and all("have no order" in r["notes"] for r in broken)
+    assert not (tmp_path / "out" / "skipped.csv").exists()
 
 
 def test_series_folders_are_entries_of_both_layouts(tmp_path):
@@ -229,3 +233,44 @@ def test_precision_of_the_frozen_forward():
     auto, bf16 = evaluate.parse_args(["--ckpt", "x"]), evaluate.parse_args(["--ckpt", "x", "--precision", "bf16"])
     assert not evaluate.frozen_bf16(auto, torch.device("cpu")) and evaluate.frozen_bf16(auto, torch.device("cuda"))
     assert evaluate.frozen_bf16(bf16, torch.device("cpu"))
+
+
+def test_slices_take_their_labels_from_the_voxel_mask(tmp_path):
+    """A tumour spanning 3 of 10 slices: those 3 slices are anomalous, the other 7 normal; the study stays
+    anomalous (its own label), and a normal study's slices are all normal."""
+    v, a = small_volume((40, 36, 10))
+    mask = np.zeros(v.shape, np.uint8)
+    mask[12:20, 10:18, 4:7] = 1
+    for group, m in (("Ungood", mask), ("good", None)):
+        (tmp_path / "toy" / "test" / group / "img").mkdir(parents=True)
+        toy_volumes.save_nifti(v, a, str(tmp_path / "toy" / "test" / group / "img" / "case.nii.gz"))
+        if m is not None:
+            (tmp_path / "toy" / "test" / group / "anomaly_mask").mkdir()
+            toy_volumes.save_nifti(m, a, str(tmp_path / "toy" / "test" / group / "anomaly_mask" / "case.nii.gz"))
+    recs = data.load_split("toy", tmp_path, "test", scan=dict(skip_empty=False))
+    sick = [r for r in recs if "Ungood" in r["name"]]
+    assert [r["label"] for r in sick] == [0, 0, 0, 0, 1, 1, 1, 0, 0, 0]
+    assert all(r["study_label"] == 1 for r in sick)
+    groups = studies.group(recs)
+    assert dict(zip([g for g, _ in groups], studies.study_labels(recs, groups))) == \
+        {"test/Ungood/img/case.nii.gz": 1, "test/good/img/case.nii.gz": 0}
+    assert all(r["label"] == 0 for r in recs if "/good/" in r["name"])
+
+
+def test_nifti_and_dicom_series_of_one_volume_show_the_same_picture(tmp_path):
+    """One display convention (radiological: the patient's right on the image's left, as DICOM series are
+    stored and clinical viewers show them) for NIfTI slices and series slices alike, and the sides said."""
+    v, a = small_volume()
+    v[5:12, 20:31, :] += 0.4                               # something on one side only: a mirror would show
+    nii = toy_volumes.save_nifti(v, a, str(tmp_path / "vol.nii.gz"))
+    toy_volumes.write_series(v, a, str(tmp_path / "dcm"), np.random.default_rng(0))
+    paths = sorted(str(p) for p in (tmp_path / "dcm").iterdir())
+    (s,), _, _ = series.find_series(paths, str(tmp_path))
+    for k in (2, 5):
+        n, d = scans.read_nifti(nii, k, "axial"), series.read_slice(s["files"], k)
+        assert n.shape == d.shape
+        corr = lambda x: np.corrcoef(x.ravel(), d.ravel())[0, 1]
+        assert corr(n) > 0.999 and corr(np.fliplr(n)) < 0.95
+    assert scans.display_sides({"series": s}) == ("R", "L")
+    assert scans.display_sides(dict(path=nii, index=0, scan=dict(axis="axial"))) == ("R", "L")
+    assert scans.display_sides(dict(path=nii, index=0, scan=dict(axis="sagittal"))) == ("A", "P")

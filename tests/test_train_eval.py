@@ -158,3 +158,15 @@ def test_cache_skips_the_encoders_and_changes_nothing(monkeypatch, tmp_path):
     assert not cached("c")
     train.main(train.parse_args(TINY + cache + ["--seed", "1", "--out", str(tmp_path / "d")]))
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_eta_depends_on_the_deviation_loss_alone(run, tmp_path):
+    """eta_theta trains on the deviation loss alone, with the same random draws whatever the synthesis's region
+    shape, low-pass or the detector's warm-up: its weights are the same bit for bit. realism.py can therefore
+    measure other synthesis settings on one checkpoint's eta_theta, and a checkpoint kept for its eta_theta alone
+    can skip most of the detector's steps (--eta-warmup)."""
+    other = train.main(train.parse_args(TINY + ["--synth-mask", "lesions", "--eta-smooth", "1.5", "--eta-warmup", "11",
+                                                "--out", str(tmp_path)]))
+    a, b = (torch.load(p, weights_only=True)["state_dicts"]["eta"] for p in (run, other))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.load(other, weights_only=True)["config"]["synth_mask"] == "lesions"
