@@ -12,15 +12,17 @@ n is Gaussian, except in a fraction (U(0, 0.3)) of the corrupted patches, where 
 image of the batch at the same place (DeCo-Diff's shuffled patches): deviations that look like anatomy.
 
 Synthesis in one step (the seed's method):
-    z_anom = z_n + C * (1 - m) * eta_theta(x_t, t) / rms,   label = 1 - m, mapped to image resolution
-and the control without a network: z_n + C * (1 - m) * n. Grey-scale images in a latent space that decodes
+    z_anom = z_n + C * (1 - m) * eta_theta(x_t, t) / rms,   label = the region, at image resolution
+and the control without a network: z_n + C * (1 - m) * n. The region is drawn at image resolution (a smooth
+blob inside the anatomy) and m is its area share per latent cell (a soft mask), so that the decoded anomaly
+follows the drawn outline, not the latent grid's 8-px staircase (sample_synthesis, soft_latent_mask). Grey-scale images in a latent space that decodes
 colour (TAEF2) keep grey anomalies: the latent change is replaced by that of the anomaly's grey decoding
 (keep_grey); the 1-channel MedVAEs decode grey by construction.
 
     import deviation
     eta = deviation.build_unet("small", channels=1)
     x_t, target = deviation.masked_forward(z, m, t, n)
-    draws = deviation.sample_synthesis(z, deviation.foreground(views, z.shape[-2:]), C_range=(1, 3))
+    draws = deviation.sample_synthesis(z, deviation.foreground(views), C_range=(1, 3))   # m, label, C, n, t
     z_anom, eta_pred = deviation.synthesise_latent(z, draws, eta)      # eta=None: the latent-noise control
 """
 import math
@@ -136,13 +138,34 @@ def synthesise(z_n, m, C, eta_pred=None, n=None):
 
 def foreground(views, hw=None, frac=0.1):
     """Where the anatomy is, on a grid hw (default: the views' own): pixels brighter than frac of the image's max.
-    (N, 1, h, w) bool."""
+    At image resolution the grey level is first averaged over a window of 1/16 of the side, so that speckle and
+    dark structures inside the anatomy (ultrasound, CSF) do not punch holes into it. (N, 1, h, w) bool."""
     hw = hw or views.shape[-2:]
-    g = F.adaptive_avg_pool2d(views.mean(1, keepdim=True), hw)     # (N, 1, h, w)
+    g = views.mean(1, keepdim=True)
+    if tuple(hw) == tuple(views.shape[-2:]):
+        k = max(3, views.shape[-1] // 16) // 2 * 2 + 1                 # odd window, 15 px at 224
+        g = F.avg_pool2d(g, k, stride=1, padding=k // 2, count_include_pad=False)
+    g = F.adaptive_avg_pool2d(g, hw)                                  # (N, 1, h, w)
     return g > frac * g.flatten(1).amax(1).view(-1, 1, 1, 1)
 
 
-def sample_synthesis(z_n, fg, C_range, mask="lesions", gen=None, t_min=0):
+def sample_tissue(z_n, fg, m, gen):
+    """DeCo-Diff's shuffled patches at synthesis: for each image, its own latent moved so that the tissue around a
+    random foreground cell (fg (B, 1, h, w) bool, on the latent grid) lands on the region's centre. (B, c, h, w)"""
+    B, _, h, w = z_n.shape
+    out = torch.empty_like(z_n)
+    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    for b in range(B):
+        region = (1 - m[b, 0]).cpu()
+        cy, cx = ((region * yy).sum() / region.sum().clamp_min(1e-6)), ((region * xx).sum() / region.sum().clamp_min(1e-6))
+        cells = fg[b, 0].cpu().nonzero()
+        cells = cells if len(cells) else torch.tensor([[h // 2, w // 2]])
+        sy, sx = cells[torch.randint(len(cells), (1,), generator=gen)][0].tolist()
+        out[b] = torch.roll(z_n[b], shifts=(int(round(float(cy))) - sy, int(round(float(cx))) - sx), dims=(-2, -1))
+    return out
+
+
+def sample_synthesis(z_n, fg, C_range, mask="lesions", gen=None, t_min=0, source="noise"):
     """The random draws of one synthesis of a batch z_n (B, c, h, w): the anomaly's region, its size
     C ~ U(C_range), the noise n and the step t ~ U{t_min..T-1} of the masked forward. The learned anomaly and
     its control share them. fg (B, 1, S, S) bool: the anatomy at image resolution (foreground). The region:
@@ -150,7 +173,10 @@ def sample_synthesis(z_n, fg, C_range, mask="lesions", gen=None, t_min=0):
                area share per cell (soft_latent_mask)
       blobs    the same kind of blob drawn on the latent grid (its outline is the grid's staircase)
       patches  DeCo-Diff's square patches on the latent grid
-    Returns m (B, 1, h, w), 1 = clean, the label (B, 1, S, S), 1 = anomalous, C, n and t."""
+    source "tissue": the masked forward that eta_theta reads puts tissue of the same image from elsewhere in the
+    anatomy into the region (sample_tissue; DeCo-Diff's shuffled patches) instead of the Gaussian n ("n_eta");
+    the latent-noise control keeps n.
+    Returns m (B, 1, h, w), 1 = clean, the label (B, 1, S, S), 1 = anomalous, C, n and t (and n_eta)."""
     B, (h, w), device = len(z_n), z_n.shape[-2:], z_n.device
     C = (C_range[0] + (C_range[1] - C_range[0]) * torch.rand(B, generator=gen)).to(device)
     if mask == "lesions":
@@ -162,7 +188,10 @@ def sample_synthesis(z_n, fg, C_range, mask="lesions", gen=None, t_min=0):
         label = F.interpolate(1 - m, size=fg.shape[-2:], mode="nearest")
     n = torch.randn(z_n.shape, generator=gen).to(device)
     t = torch.randint(t_min, T, (B,), generator=gen).to(device)
-    return dict(m=m, label=label, C=C, n=n, t=t)
+    draws = dict(m=m, label=label, C=C, n=n, t=t)
+    if source == "tissue":                       # drawn last: the other draws stay those of source "noise"
+        draws["n_eta"] = sample_tissue(z_n, F.adaptive_avg_pool2d(fg.float(), (h, w)) > 0.5, m, gen)
+    return draws
 
 
 def synthesise_latent(z_n, draws, eta=None, abar=None, grad=False, grey=None, grey_base=None, smooth=0.0):
@@ -177,7 +206,7 @@ def synthesise_latent(z_n, draws, eta=None, abar=None, grad=False, grey=None, gr
     if eta is None:
         z_anom, eta_pred = synthesise(z_n, m, C, n=n), None
     else:
-        x_t, _ = masked_forward(z_n, m, t, n, abar)
+        x_t, _ = masked_forward(z_n, m, t, draws.get("n_eta", n), abar)
         with torch.enable_grad() if grad else torch.no_grad():
             eta_pred = eta(x_t, t)
         z_anom = synthesise(z_n, m, C, eta_pred=smooth_eta(eta_pred, smooth))

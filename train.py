@@ -7,7 +7,8 @@ Train a one-shot MediCLIP detector on anomalies *learned* in MedVAE latent space
          x_t, eta      = masked forward of z_n (DeCo-Diff)            L_deco  = |eta_theta(x_t, t) - eta|^2
          z_anom        = z_n + C (1 - m) eta_pred                     (or the control: latent noise; kept grey
                                                                         for grey images in a colour VAE)
-         maps          = MediCLIP(P(z_anom)), MediCLIP(P(z_n)), MediCLIP(CLIP tokens)   masks: 1 - m, 0, 0
+         maps          = MediCLIP(P(z_anom)), MediCLIP(P(z_n)), MediCLIP(CLIP tokens)   masks: region, 0, 0
+                         (region drawn at image resolution; m its soft latent mask: deviation.sample_synthesis)
          L_det         = focal + dice                                 L_align = 1 - cos(P(z_n), CLIP tokens)
          total         = w1 L_det + w2 L_deco + w3 L_align
     -> calibration set: the shots' views and as many fresh synthetic anomalies, scored (evaluate.py's Platt fit)
@@ -82,11 +83,14 @@ def parse_args(argv=None):
                    "mediclip: MediCLIP's pixel tasks; pixel-noise: Gaussian noise in a random mask; mix: "
                    "deviation and mediclip anomalies in every step")
     p.add_argument("--bank", type=int, default=128, help="pixel-space modes: synthesised views encoded once")
-    p.add_argument("--synth-mask", default="blobs", choices=["lesions", "blobs", "patches"],
+    p.add_argument("--synth-mask", default="lesions", choices=["lesions", "blobs", "patches"],
                    help="anomaly regions: lesions (smooth blobs drawn at image resolution, soft latent masks), blobs "
                    "(the same drawn on the latent grid) or DeCo-Diff patches (deviation.sample_synthesis)")
     p.add_argument("--eta-smooth", type=float, default=0.0, help="low-pass eta_pred by a Gaussian of this many "
                    "latent cells before it synthesises (deviation.smooth_eta; 0: off)")
+    p.add_argument("--synth-source", default="noise", choices=["noise", "tissue"], help="what the synthesis's "
+                   "masked forward puts into the region for eta_theta to read: Gaussian noise, or the image's own "
+                   "tissue from elsewhere (DeCo-Diff's shuffled patches; deviation.sample_tissue)")
     p.add_argument("--C", type=float, nargs=2, default=[1.0, 3.0], metavar=("LO", "HI"),
                    help="deviation size in latent stds, drawn uniformly from [LO, HI]")
     p.add_argument("--grey", default="decode", choices=["decode", "off"], help="grey-scale images in a VAE that "
@@ -292,7 +296,7 @@ def main(args):
                     loss_deco = F.mse_loss(eta(x_t, t).float(), eta_target)
 
                 if uses_latent:  # 2. synthesis: z_anom = z_n + C (1 - m) eta_pred (or n), label = the region
-                    draws = deviation.sample_synthesis(z0, fg_b, args.C, args.synth_mask, gen)
+                    draws = deviation.sample_synthesis(z0, fg_b, args.C, args.synth_mask, gen, 0, args.synth_source)
                     z_anom = deviation.synthesise_latent(z0, draws, eta if uses_eta else None, abar,
                                                          args.det_trains_eta, grey,
                                                          None if grey is None else grey_base[idx], args.eta_smooth)[0]
@@ -353,7 +357,7 @@ def main(args):
         text = det.text_features(text_tower)
     cal_gen = torch.Generator().manual_seed(args.seed + 1)
     synth_tokens = None if not uses_latent else lambda s: proj(deviation.synthesise_latent(
-        z_n[s], deviation.sample_synthesis(z_n[s], fg[s], args.C, args.synth_mask, cal_gen),
+        z_n[s], deviation.sample_synthesis(z_n[s], fg[s], args.C, args.synth_mask, cal_gen, 0, args.synth_source),
         eta if uses_eta else None, abar, grey=grey,
         grey_base=None if grey is None else grey_base[s], smooth=args.eta_smooth)[0])
     calibration = calib.calibration_set(det, text, S, real, synth_tokens, (bank, bank_masks) if uses_bank else None,

@@ -26,6 +26,7 @@ the SLURM job array; locally:
     for i in 1 2 3 4; do python -m baselines.ablation ... --shard $i/4 > shard$i.log 2>&1 & done; wait
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -114,9 +115,25 @@ def changed_settings(args, dataset, k, mode, seed):
             and not (key == "layers" and v is None) and then.get(key) != v}   # layers None: train.py resolves it
 
 
+def data_identity(dataset, root):
+    """What the dataset's files are, not where: a hash of every file's path inside the dataset and its size."""
+    base = os.path.join(root, dataset)
+    files = sorted((os.path.relpath(os.path.join(d, f), base), os.path.getsize(os.path.join(d, f)))
+                   for d, _, fs in os.walk(base) for f in fs)
+    return hashlib.sha256(repr(files).encode()).hexdigest()[:16] if files else dataset
+
+
 def refuse_changed(args, dataset, k, mode, seed):
-    """A finished or half-made run with other settings is never reused, nor overwritten: one line, and stop."""
+    """A finished or half-made run with other settings, or made from other data than --data-root holds under the
+    same name, is never reused, nor overwritten: one line, and stop."""
     diff = changed_settings(args, dataset, k, mode, seed)
+    path = os.path.join(run_folder(args, dataset, k, mode, seed), "data.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            then = json.load(f)
+        if then["identity"] != data_identity(dataset, args.data_root):
+            diff["data"] = (f"{then['data_root']} ({then['identity']})",
+                            f"{os.path.abspath(args.data_root)} ({data_identity(dataset, args.data_root)})")
     if diff:
         raise SystemExit(f"error: {run_folder(args, dataset, k, mode, seed)}: made with other train.py settings than "
                          f"this call (" + ", ".join(f"--{key.replace('_', '-')} {a} then, {b} now"
@@ -126,8 +143,11 @@ def refuse_changed(args, dataset, k, mode, seed):
 
 def train_one(args, dataset, k, mode, seed):
     """Train one run, unless its checkpoint exists (a half-trained run has none, and starts again)."""
-    if not os.path.isfile(os.path.join(run_folder(args, dataset, k, mode, seed), "run.pt")):
+    folder = run_folder(args, dataset, k, mode, seed)
+    if not os.path.isfile(os.path.join(folder, "run.pt")):
         train.main(train.parse_args(train_argv(args, dataset, k, mode, seed)))
+        runfiles.write_json(dict(data_root=os.path.abspath(args.data_root),
+                                 identity=data_identity(dataset, args.data_root)), os.path.join(folder, "data.json"))
 
 
 def evaluate_together(args, folders, test):
@@ -212,17 +232,19 @@ def write_table(runs, modes, path):
 
 
 def recorded_train_args(args):
-    """--report-only without `--`: the train.py options recorded in runs.json by the runs' own calls."""
+    """The train.py options recorded in runs.json by the runs' own calls (None before any)."""
     path = os.path.join(args.out, "runs.json")
-    if args.report_only and not args.train_args and os.path.isfile(path):
+    if os.path.isfile(path):
         with open(path) as f:
             return json.load(f).get("train_args", [])
-    return args.train_args
+    return None
 
 
 def main(args):
     os.makedirs(args.out, exist_ok=True)
-    args.train_args = recorded_train_args(args)
+    recorded = recorded_train_args(args)
+    if args.report_only and not args.train_args and recorded is not None:
+        args.train_args = recorded      # --report-only without `--`: the settings the runs were made with
     mine = [u for u in units(args) if shard_of(args, u) == args.shard[0]]
     if not args.report_only:
         for dataset in args.datasets:
@@ -231,8 +253,10 @@ def main(args):
                 if seeds:
                     run_block(args, dataset, k, seeds)
     runs, missing, other = collect(args)     # what every worker has finished so far
-    runfiles.write_json(dict(train_args=args.train_args, runs=runs, missing=missing, other_settings=other),
-                        os.path.join(args.out, "runs.json"))
+    # a report never changes what the next one reads: --report-only -- <other settings> keeps the recorded ones
+    kept = recorded if args.report_only and recorded is not None else args.train_args
+    runfiles.write_json(dict(train_args=kept, runs=runs, missing=missing, other_settings=other,
+                             report_train_args=args.train_args), os.path.join(args.out, "runs.json"))
     write_table(runs, args.modes, os.path.join(args.out, "table.md"))
     print(open(os.path.join(args.out, "table.md")).read())
     if other:

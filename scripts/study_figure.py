@@ -1,6 +1,8 @@
 """
 Three orthogonal views of one study through the peak of its anomaly-map volume: the image, and the image with
 the map (one scale: 0 to the map's max) and the mask's outline where there is one. For the README's figure.
+Shown as evaluate.py's overlays and clinical viewers show them (scans.nifti_slice: radiological, the patient's
+right on the image's left; sagittal: anterior left), the sides marked on every panel.
 
     python scripts/study_figure.py --image toy/test/Ungood/img/case_03.nii.gz \
         --map runs/toy-k2-s0/maps/test_Ungood_img_case_03.nii.gz --mask toy/test/Ungood/anomaly_mask/case_03.nii.gz \
@@ -8,6 +10,7 @@ the map (one scale: 0 to the map's max) and the mask's outline where there is on
 """
 import argparse
 import os
+import sys
 
 import matplotlib
 matplotlib.use("Agg")
@@ -15,14 +18,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import scans  # noqa: E402
 
 def canonical(path):
     return np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj, dtype=np.float32)
 
 
 def plane(v, axis, index):
-    """The slice through index along axis, anterior or superior up."""
-    return np.rot90(np.take(v, index, axis=axis))
+    """The slice through index along axis, as evaluate.py shows it (scans.nifti_slice)."""
+    return scans.nifti_slice(v, index, axis)
 
 
 def main(args):
@@ -43,11 +48,14 @@ def main(args):
                     ax.contour(plane(mask, axis, peak[axis]), levels=[0.5], colors="cyan", linewidths=1)
             ax.set_title(f"{name} {'xyz'[axis]}={peak[axis]}" if row == 0 else f"{name}: map" +
                          (", mask outline" if mask is not None else ""), fontsize=9)
+            left, right = ("A", "P") if axis == 0 else ("R", "L")
+            for x, side, ha in ((0.02, left, "left"), (0.98, right, "right")):
+                ax.text(x, 0.5, side, transform=ax.transAxes, color="yellow", fontsize=9, ha=ha, va="center")
             ax.axis("off")
     fig.colorbar(shown, ax=axes[1, :].tolist(), shrink=0.8, label="anomaly map")
-    fig.suptitle(args.title or os.path.basename(args.image), fontsize=10)
+    fig.suptitle(args.title or os.path.basename(args.image), fontsize=10, wrap=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    fig.savefig(args.out, dpi=90)
+    fig.savefig(args.out, dpi=90, bbox_inches="tight")                    # the title and colour bar fit
     print(f"wrote {args.out} (peak voxel {tuple(int(i) for i in peak)}, map max {float(amap.max()):.3f})")
 
 

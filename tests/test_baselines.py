@@ -48,6 +48,14 @@ def test_ablation_table_and_resume(monkeypatch, tmp_path):
         ablation.main(ablation.parse_args(other))
     assert ablation.main(ablation.parse_args(other[:other.index("--")] + ["--report-only"] + other[other.index("--"):])) == []
     assert len(json.load(open(tmp_path / "runs.json"))["other_settings"]) == 4
+    # that report changed nothing the next one reads: a plain --report-only shows the runs again
+    assert json.load(open(tmp_path / "runs.json"))["train_args"] == argv[argv.index("--") + 1:]
+    assert len(ablation.main(ablation.parse_args(report))) == 4
+    # the same dataset name under another --data-root with other files: refused, not reused as a cell
+    json.dump(dict(data_root="/elsewhere", identity="0123456789abcdef"),
+              open(tmp_path / "synthetic" / "k1" / "deviation" / "s0" / "data.json", "w"))
+    with pytest.raises(SystemExit, match=r"--data /elsewhere \(0123456789abcdef\) then"):
+        ablation.main(ablation.parse_args(argv))
 
 
 def test_ablation_evaluates_a_block_in_one_pass_as_each_alone(monkeypatch, tmp_path):

@@ -147,3 +147,23 @@ def test_smooth_eta_keeps_constants_and_removes_fine_texture():
     # cell-to-cell differences shrink far more than the field itself
     diff = lambda d: (d[..., 1:] - d[..., :-1]).pow(2).mean() / d.pow(2).mean()
     assert diff(smooth) < 0.2 * diff(noise)
+
+
+def test_tissue_source_is_the_images_own_latent_moved_and_keeps_the_other_draws():
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(4, 2, 8, 8, generator=g)
+    fg = torch.zeros(4, 1, 64, 64, dtype=torch.bool)
+    fg[:, :, 16:48, 16:48] = True
+    plain = deviation.sample_synthesis(z, fg, (1.0, 3.0), "lesions", torch.Generator().manual_seed(0))
+    draws = deviation.sample_synthesis(z, fg, (1.0, 3.0), "lesions", torch.Generator().manual_seed(0), 0, "tissue")
+    assert all(torch.equal(plain[k], draws[k]) for k in plain)              # the control's draws do not change
+    n_eta = draws["n_eta"]
+    for b in range(4):   # a roll of the image's own latent: the same values, moved
+        assert torch.equal(n_eta[b].flatten(1).sort(1).values, z[b].flatten(1).sort(1).values)
+        assert any(torch.equal(n_eta[b], torch.roll(z[b], (dy, dx), (-2, -1))) for dy in range(8) for dx in range(8))
+    eta = deviation.build_unet("tiny", 2)
+    torch.nn.init.normal_(eta.conv_out.weight)
+    z_t, _ = deviation.synthesise_latent(z, draws, eta)
+    z_p, _ = deviation.synthesise_latent(z, plain, eta)
+    assert not torch.equal(z_t, z_p) and torch.equal(deviation.synthesise_latent(z, draws)[0],
+                                                     deviation.synthesise_latent(z, plain)[0])

@@ -145,3 +145,27 @@ def test_realism_writes_its_interface(ckpt, tmp_path):
     d = realism.main(realism.parse_args(["--ckpt", ckpt, "--out", str(tmp_path / "dev"), "--n", "12", "--seeds", "1",
                                          "--halves", "dev"]))
     assert "held" not in d and "dev" in d
+
+
+def test_real_lesions_from_an_mvfa_folder_of_tiff_masks_grey_and_rgb(tmp_path):
+    """realism.py reads any dataset with lesion masks: here MVFA's layout, grey and RGB images and masks in PNG,
+    JPEG and TIFF; the images come back RGB on [0, 1], the masks binary, split into the two fixed halves."""
+    from PIL import Image
+    base = tmp_path / "lesions"
+    for sub in ("test/Ungood/img", "test/Ungood/anomaly_mask", "test/good/img", "valid/good/img"):
+        (base / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        img = Image.fromarray((rng.random((48, 48)) * 255).astype(np.uint8))
+        name = f"case{i}.{('png', 'jpg', 'tif')[i % 3]}"
+        (img if i % 2 else img.convert("RGB")).save(base / "test/Ungood/img" / name)
+        m = np.zeros((48, 48), np.uint8)
+        m[10:20 + i, 12:24] = 255
+        Image.fromarray(m).save(base / "test/Ungood/anomaly_mask" / name)
+    img.save(base / "test/good/img/n.png")
+    img.save(base / "valid/good/img/n.png")
+    halves, split = realism.load_real("lesions", tmp_path, ["dev", "held"], 64)
+    assert split["n_dev"] + split["n_held"] == 6
+    for images, masks in halves.values():
+        assert images.shape[1:] == (3, 64, 64) and 0 <= images.min() and images.max() <= 1
+        assert set(masks.unique().tolist()) <= {0.0, 1.0} and masks.flatten(1).sum(1).min() > 0
