@@ -55,6 +55,8 @@ def list_images(folder, scan=None):
         except data.DataError as e:
             other.append((path, str(e)))
             continue
+        if path not in alone and scans.is_dicom(path) and scans.read_dicom_header(path).forced:
+            alone[path] = f"{path}: {scans.NO_HEADER}"      # an image all the same: scored, and said
         recs.extend(dict(r, note=alone[path]) if path in alone else r for r in new)
     if not recs:
         formats = f"; {len(other)} file(s) of other formats, e.g. {other[0][0]}" if other else ""

@@ -99,6 +99,11 @@ def write_volume(path, volume, affine):
 AFFINE = np.array([[0, 0, -2.0, 40], [-1.5, 0, 0, 30], [0, 3.0, 0, -20], [0, 0, 0, 1]])
 
 
+def radiological(a):
+    """A canonical (RAS+) slice as scans.nifti_slice shows it: anterior up, the patient's right on the left."""
+    return np.fliplr(np.rot90(a))
+
+
 def test_nifti_volume_reoriented_sliced_windowed_as_nibabel_says(tmp_path):
     rng = np.random.default_rng(0)
     volume = rng.normal(100, 30, (40, 36, 34)).astype(np.float32)
@@ -108,12 +113,12 @@ def test_nifti_volume_reoriented_sliced_windowed_as_nibabel_says(tmp_path):
     ref = np.asarray(canonical.dataobj, dtype=np.float32)
     recs, _ = folders.list_images(tmp_path, scan=dict(axis="axial", window=(100, 60)))
     assert len(recs) == ref.shape[2] and recs[5]["name"] == "t1.nii.gz#z=5"
-    expect = np.rot90(np.clip((ref[:, :, 5] - 70) / 60, 0, 1))
+    expect = radiological(np.clip((ref[:, :, 5] - 70) / 60, 0, 1))
     np.testing.assert_allclose(data.read_image(recs[5])[..., 0], expect, atol=1e-6)
     coronal, _ = folders.list_images(tmp_path, scan=dict(axis="coronal"))
     assert len(coronal) == ref.shape[1] and coronal[0]["name"] == "t1.nii.gz#y=0"
     lo, hi = np.percentile(ref, (0.5, 99.5))                           # per volume, not per slice
-    np.testing.assert_allclose(data.read_image(coronal[3])[..., 0], np.rot90(np.clip((ref[:, 3] - lo) / (hi - lo), 0, 1)),
+    np.testing.assert_allclose(data.read_image(coronal[3])[..., 0], radiological(np.clip((ref[:, 3] - lo) / (hi - lo), 0, 1)),
                                atol=1e-6)
 
 
@@ -126,7 +131,7 @@ def test_nifti_masks_must_share_the_grid(tmp_path):
     recs = data.scan_records(img, "ct", 1, "lesion", mask)
     for r in recs:
         i, m = r["index"], data.read_mask(r, data.read_image(r).shape[:2])
-        np.testing.assert_array_equal(m, np.rot90(canonical_mask[:, :, i]))
+        np.testing.assert_array_equal(m, radiological(canonical_mask[:, :, i]))
     assert sum(data.read_mask(r, data.read_image(r).shape[:2]).any() for r in recs) == 2
     other = write_volume(tmp_path / "other.nii.gz", volume, np.eye(4))
     with pytest.raises(data.DataError, match="other.nii.gz: mask grid .* does not match its image"):
@@ -176,7 +181,7 @@ def test_a_volume_of_maps_lands_on_the_input_grid(tmp_path):
     saved = nib.load(out)
     assert saved.shape == volume.shape and np.allclose(saved.affine, AFFINE)
     back = np.asarray(nib.as_closest_canonical(saved).dataobj)
-    np.testing.assert_allclose(np.rot90(back[:, :, 7]), amap.astype(np.float32), atol=1e-6)
+    np.testing.assert_allclose(radiological(back[:, :, 7]), amap.astype(np.float32), atol=1e-6)
     assert back[:, :, [k for k in range(n) if k != 7]].max() == 0
 
 
