@@ -15,9 +15,9 @@ Synthesis in one step (the seed's method):
     z_anom = z_n + C * (1 - m) * eta_theta(x_t, t) / rms,   label = the region, at image resolution
 and the control without a network: z_n + C * (1 - m) * n. The region is drawn at image resolution (a smooth
 blob inside the anatomy) and m is its area share per latent cell (a soft mask), so that the decoded anomaly
-follows the drawn outline, not the latent grid's 8-px staircase (sample_synthesis, soft_latent_mask). Grey-scale images in a latent space that decodes
-colour (TAEF2) keep grey anomalies: the latent change is replaced by that of the anomaly's grey decoding
-(keep_grey); the 1-channel MedVAEs decode grey by construction.
+follows the drawn outline, not the latent grid's 8-px staircase (sample_synthesis, soft_latent_mask).
+Grey-scale images in a latent space that decodes colour (TAEF2) keep grey anomalies: the latent change is
+replaced by that of the anomaly's grey decoding (keep_grey); the 1-channel MedVAEs decode grey by construction.
 
     import deviation
     eta = deviation.build_unet("small", channels=1)
@@ -157,7 +157,8 @@ def sample_tissue(z_n, fg, m, gen):
     yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
     for b in range(B):
         region = (1 - m[b, 0]).cpu()
-        cy, cx = ((region * yy).sum() / region.sum().clamp_min(1e-6)), ((region * xx).sum() / region.sum().clamp_min(1e-6))
+        area = region.sum().clamp_min(1e-6)
+        cy, cx = (region * yy).sum() / area, (region * xx).sum() / area          # the region's centroid
         cells = fg[b, 0].cpu().nonzero()
         cells = cells if len(cells) else torch.tensor([[h // 2, w // 2]])
         sy, sx = cells[torch.randint(len(cells), (1,), generator=gen)][0].tolist()
