@@ -179,19 +179,19 @@ def sample_synthesis(z_n, fg, C_range, mask="lesions", gen=None, t_min=0, source
     the latent-noise control keeps n.
     Returns m (B, 1, h, w), 1 = clean, the label (B, 1, S, S), 1 = anomalous, C, n and t (and n_eta)."""
     B, (h, w), device = len(z_n), z_n.shape[-2:], z_n.device
+    fg_latent = F.adaptive_avg_pool2d(fg.float(), (h, w)) > 0.5                    # (B, 1, h, w)
     C = (C_range[0] + (C_range[1] - C_range[0]) * torch.rand(B, generator=gen)).to(device)
     if mask == "lesions":
         label = 1 - sample_blob_mask(fg, gen, field_hw=(h, w))
         m = soft_latent_mask(label, (h, w))
     else:
-        fg_latent = F.adaptive_avg_pool2d(fg.float(), (h, w)) > 0.5
         m = sample_blob_mask(fg_latent, gen) if mask == "blobs" else sample_patch_mask(B, h, w, gen, device)[0]
         label = F.interpolate(1 - m, size=fg.shape[-2:], mode="nearest")
     n = torch.randn(z_n.shape, generator=gen).to(device)
     t = torch.randint(t_min, T, (B,), generator=gen).to(device)
     draws = dict(m=m, label=label, C=C, n=n, t=t)
     if source == "tissue":                       # drawn last: the other draws stay those of source "noise"
-        draws["n_eta"] = sample_tissue(z_n, F.adaptive_avg_pool2d(fg.float(), (h, w)) > 0.5, m, gen)
+        draws["n_eta"] = sample_tissue(z_n, fg_latent, m, gen)
     return draws
 
 
