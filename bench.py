@@ -54,7 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, default=16, help="images for the cache-build and evaluation timings")
     p.add_argument("--views", type=int, default=16, help="views per shot of the train.py runs")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: the default)")
-    p.add_argument("--bf16", action="store_true", help="time train.py --bf16 (the MediCLIP-style loop stays fp32)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="of every forward timed "
+                   "(train.py and evaluate.py --precision, the bare CLIP forwards and the MediCLIP-style loop alike); "
+                   "fp32 by default, so that the figures compare across machines")
     p.add_argument("--volumes", action="store_true", help="also time evaluate.py per study on a 2 mm brain MRI and a "
                    "CT-sized volume, fp32 and bf16 frozen forwards, and their agreement (minutes for ViT-L-14)")
     p.add_argument("--out", default="bench.json", help="where the figures go")
@@ -74,7 +76,7 @@ def timed(f, repeat=1):
     return best
 
 
-def mediclip_style_run(name, layers, views, steps, B, seed=0):
+def mediclip_style_run(name, layers, views, steps, B, autocast, seed=0):
     """The peer's loop with our modules: every step synthesises pixel anomalies and runs the frozen CLIP."""
     t0 = time.perf_counter()
     clip = encode.load_clip(name, random_init=True)
@@ -86,8 +88,9 @@ def mediclip_style_run(name, layers, views, steps, B, seed=0):
     for _ in range(steps):
         idx = torch.randint(len(views), (B,), generator=gen)
         x, m = zip(*[pixel_tasks.synthesise_mediclip(views[i], views, gen) for i in idx])
-        tokens = [t.clone() for t in encode.encode_tokens(tokens_model, torch.stack(x), clip, batch_size=B)]
-        maps = det(tokens, det.text_features(tower), S)
+        tokens = [t.clone() for t in encode.encode_tokens(tokens_model, torch.stack(x), clip, B, autocast)]
+        with autocast():
+            maps = det(tokens, det.text_features(tower), S)
         masks = torch.stack(m)
         loss = mediclip.focal_loss(maps, masks) + mediclip.dice_loss(maps, masks)
         opt.zero_grad()
@@ -119,40 +122,44 @@ def bench_backbone(name, args, tmp):
     tokens_model = encode.CLIPTokens(clip, layers)
     records = data.load_split("synthetic", "", "test")[:args.images]
     images, _ = data.load_images(records, S)
+    cpu = torch.device("cpu")
+    bf16 = runfiles.pick_precision(args.precision, cpu)[1]
+    ac = runfiles.bf16_autocast(cpu, bf16)                   # every forward timed here, as train.py's steps run
+    row["bf16"] = float(bf16)
 
     # 1. cache build
     vae = encode.load_medvae("medvae_4_1_2d", random_init=True)
-    row["medvae_s_per_image"] = timed(lambda vae=vae: encode.encode_latents(vae, images)) / len(images)
-    row["clip_s_per_image"] = timed(lambda: encode.encode_tokens(tokens_model, images, clip)) / len(images)
+    row["medvae_s_per_image"] = timed(lambda vae=vae: encode.encode_latents(vae, images, autocast=ac)) / len(images)
+    row["clip_s_per_image"] = timed(lambda: encode.encode_tokens(tokens_model, images, clip, autocast=ac)) / len(images)
     del vae
     batch = images[:args.batch_size].repeat(-(-args.batch_size // len(images)), 1, 1, 1)[:args.batch_size]
-    row["clip_forward_batch_s"] = timed(lambda: encode.encode_tokens(tokens_model, batch, clip, len(batch)), 2)
+    row["clip_forward_batch_s"] = timed(lambda: encode.encode_tokens(tokens_model, batch, clip, len(batch), ac), 2)
 
     # 2 + 3. whole runs: train.py (cached) against the MediCLIP-style loop
     t = time.perf_counter()
     path = train.main(train.parse_args(["--data", "synthetic", "--shots", "1", "--random-init", "--clip", name,
                                         "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                                         "--views", str(args.views), "--eta-warmup", "0",
-                                        "--out", os.path.join(tmp, name)] + (["--bf16"] if args.bf16 else [])))
+                                        "--out", os.path.join(tmp, name), "--precision", args.precision]))
     row["train_run_s"] = time.perf_counter() - t
     with open(os.path.join(os.path.dirname(path), "timings.json")) as f:
         row["train_step_s"] = json.load(f)["train_s"] / args.steps
     row["step_over_clip_forward"] = row["train_step_s"] / row["clip_forward_batch_s"]
     shots = data.sample_shots(data.load_split("synthetic", "", "train"), 1, 0)
     views = augment.load_views(augment.view_records(shots, args.views, 0), S, args.views, 0)
-    row["mediclip_style_run_s"] = mediclip_style_run(name, layers, views, args.steps, args.batch_size)
+    row["mediclip_style_run_s"] = mediclip_style_run(name, layers, views, args.steps, args.batch_size, ac)
     row["speedup_vs_mediclip_style"] = row["mediclip_style_run_s"] / row["train_run_s"]
 
     # 4. evaluation against the bare backbone; rounds interleaved so that a busy spell on a shared machine hits
     # both, best of each. The prompts' text features are computed once per run (not per image): timed apart.
-    ev = evaluate.parse_args(["--ckpt", path, "--batch-size", "16", "--precision", "fp32"])   # as the bare forward
+    ev = evaluate.parse_args(["--ckpt", path, "--batch-size", "16", "--precision", args.precision])
     det = mediclip.build_mediclip(clip, len(layers)).eval()
     row["load_s_per_image"] = timed(lambda: data.load_images(records, S)) / len(records)
     with torch.inference_mode():
         row["eval_setup_s"] = timed(lambda: det.text_features(encode.TextTower(clip)), 2)
     bare, whole = float("inf"), float("inf")
     for _ in range(3):
-        bare = min(bare, timed(lambda: encode.encode_tokens(tokens_model, images, clip)))
+        bare = min(bare, timed(lambda: encode.encode_tokens(tokens_model, images, clip, autocast=ac)))
         whole = min(whole, timed(lambda: evaluate.predict(records, clip, [det], layers, ev, torch.device("cpu"))))
     row["bare_clip_s_per_image"] = bare / len(images)
     row["eval_s_per_image"] = (whole - row["eval_setup_s"]) / len(records)
@@ -163,9 +170,9 @@ def bench_backbone(name, args, tmp):
     row["train_peak_gib"], _ = peak_rss_gib("train.py", ["--data", "synthetic", "--shots", "1", "--random-init",
                                                          "--clip", name, "--steps", str(args.steps),
                                                          "--eta-warmup", "0", "--views", str(args.views),
-                                                         "--out", os.path.join(tmp, "m")])
+                                                         "--precision", args.precision, "--out", os.path.join(tmp, "m")])
     row["eval_peak_gib"], _ = peak_rss_gib("evaluate.py", ["--ckpt", os.path.join(tmp, "m", "run.pt"),
-                                                           "--overlays", "0"])
+                                                           "--overlays", "0", "--precision", args.precision])
     if args.volumes:
         row.update(bench_volumes(path, tmp))
     return row

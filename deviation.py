@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import encode
+
 T = 10
 PATCH_SIZES = (1, 2, 4, 8, 16)          # DeCo-Diff's patch sizes, in cells of a 32x32 latent grid
 PATCH_PROBS = (0.30, 0.25, 0.20, 0.15, 0.10)
@@ -201,7 +203,7 @@ def synthesise_latent(z_n, draws, eta=None, abar=None, grad=False, grey=None, gr
     z_anom and eta_pred (None for the control). grad=False: the detector's loss cannot reach eta_theta, since a
     generator trained against the detector learns the anomalies easiest to detect, not plausible ones.
     smooth: eta_pred low-passed by a Gaussian of that many latent cells first (smooth_eta; the control's n is not).
-    grey: R(z) = E(grey(D(z))) (encode.grey_round_trip) for grey-scale images in a colour latent space, and
+    grey: R(z) = E(grey(D(z))) (grey_round_trip) for grey-scale images in a colour latent space, and
     grey_base R(z_n) if it is at hand: see keep_grey."""
     m, C, n, t = draws["m"], draws["C"], draws["n"], draws["t"]
     if eta is None:
@@ -212,6 +214,37 @@ def synthesise_latent(z_n, draws, eta=None, abar=None, grad=False, grey=None, gr
             eta_pred = eta(x_t, t)
         z_anom = synthesise(z_n, m, C, eta_pred=smooth_eta(eta_pred, smooth))
     return (z_anom if grey is None else keep_grey(z_n, z_anom, m, grey, grey_base)), eta_pred
+
+
+def decodes_colour(name):
+    """Whether the VAE decodes three independent channels (TAEF2, the 3-channel MedVAEs), so that a latent change
+    can tint a grey image; the 1-channel MedVAEs decode grey by construction."""
+    return name == "taef2" or encode.MEDVAE_MODELS[name]["in_channels"] == 3
+
+
+def is_grey(images, tol=1 / 255):
+    """(N, 3, S, S): whether every pixel has R = G = B (to within a grey level)."""
+    return bool((images.amax(1) - images.amin(1)).max() <= tol)
+
+
+def grey_round_trip(vae, mean, std, batch_size=16):
+    """R(z) = E(grey(D(z))) on standardised latents (z - mean) / std, in batches: a latent made grey by decoding it,
+    averaging the channels and encoding again (deviation.synthesise_latent's `grey`)."""
+    def R(z_n):
+        outs = []
+        for zb in z_n.split(batch_size):
+            x = encode.vae_decode(vae, zb * std + mean)
+            outs.append((encode.vae_encode(vae, x.mean(1, keepdim=True).expand_as(x)) - mean) / std)
+        return torch.cat(outs)
+    return R
+
+
+def grey_for(grey, name, vae, images, mean, std):
+    """The grey round trip R when it applies (grey "decode", grey-scale images, a VAE `name` that decodes colour),
+    else None. Checkpoints from before train.py --grey existed synthesised without it: pass "off" for them."""
+    if grey == "decode" and decodes_colour(name) and is_grey(images):
+        return grey_round_trip(vae, mean, std)
+    return None
 
 
 def keep_grey(z_n, z_anom, m, grey, base=None):

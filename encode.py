@@ -32,6 +32,7 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import weights as W
 from taef2 import TAEF2
@@ -218,7 +219,9 @@ class TextTower(nn.Module):
         x = x[:, :L] + self.positional_embedding[:L].to(x.dtype)
         mask = self.attn_mask[:L, :L] if self.attn_mask is not None else None
         x = x if self.batch_first else x.transpose(0, 1)  # (L, N, W) for open_clip 2.x
-        x = self.transformer(x, attn_mask=mask)
+        # CPU: plain softmax(QK^T)V; the fused kernel's backward took 16x its forward on these short prompts
+        with sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" else contextlib.nullcontext():
+            x = self.transformer(x, attn_mask=mask)
         x = x if self.batch_first else x.transpose(0, 1)  # (N, L, W)
         x = self.ln_final(x)[torch.arange(x.shape[0], device=x.device), eot]  # (N, W)
         proj = self.text_projection
@@ -329,37 +332,6 @@ def vae_decode(vae, z):
         return vae.decode(z)
     x = (vae.decode(z) * 0.5 + 0.5).clamp(0, 1)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-
-
-def decodes_colour(name):
-    """Whether the VAE decodes three independent channels (TAEF2, the 3-channel MedVAEs), so that a latent change
-    can tint a grey image; the 1-channel MedVAEs decode grey by construction."""
-    return name == "taef2" or MEDVAE_MODELS[name]["in_channels"] == 3
-
-
-def is_grey(images, tol=1 / 255):
-    """(N, 3, S, S): whether every pixel has R = G = B (to within a grey level)."""
-    return bool((images.amax(1) - images.amin(1)).max() <= tol)
-
-
-def grey_round_trip(vae, mean, std, batch_size=16):
-    """R(z) = E(grey(D(z))) on standardised latents (z - mean) / std, in batches: a latent made grey by decoding it,
-    averaging the channels and encoding again (deviation.synthesise_latent's `grey`)."""
-    def R(z_n):
-        outs = []
-        for zb in z_n.split(batch_size):
-            x = vae_decode(vae, zb * std + mean)
-            outs.append((vae_encode(vae, x.mean(1, keepdim=True).expand_as(x)) - mean) / std)
-        return torch.cat(outs)
-    return R
-
-
-def grey_for(grey, name, vae, images, mean, std):
-    """The grey round trip R when it applies (grey "decode", grey-scale images, a VAE `name` that decodes colour),
-    else None. Checkpoints from before train.py --grey existed synthesised without it: pass "off" for them."""
-    if grey == "decode" and decodes_colour(name) and is_grey(images):
-        return grey_round_trip(vae, mean, std)
-    return None
 
 
 @torch.inference_mode()

@@ -31,7 +31,6 @@ metrics.py (AUROC, AP, AUPRO, bootstrap CIs, ROC figure), calibration.py (Platt,
 data the calibration is fitted on) and studies.py (study scores, studies.csv, MOOD).
 """
 import argparse
-import contextlib
 import csv
 import os
 import sys
@@ -50,7 +49,7 @@ import metrics
 import scans
 import studies
 from runfiles import (CheckpointError, bf16_autocast, check_writable, code_version, load_checkpoint, pick_device,
-                      write_json)
+                      pick_precision, write_json)
 from train import resolve_layers
 from weights import sha256
 
@@ -105,8 +104,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="the frozen CLIP forward: "
-                   "auto is bf16 on CUDA, fp32 on the CPU (bf16 there measured 6x slower, even with avx512_bf16: "
-                   "README, Speed); the adapters and maps stay fp32")
+                   "auto is bf16 on CUDA and on CPUs with AMX, fp32 on other CPUs (bf16 there is 1.2-7x slower: "
+                   "README, bf16 on the CPU); the adapters and maps stay fp32")
     return p.parse_args(argv)
 
 
@@ -178,10 +177,8 @@ def load_models(paths, args, device):
 
 
 def frozen_bf16(args, device):
-    """Whether the frozen CLIP forward runs in bf16 (--precision; auto: on CUDA)."""
-    if getattr(args, "precision", "auto") == "auto":
-        return device.type == "cuda"
-    return args.precision == "bf16"
+    """Whether the frozen CLIP forward runs in bf16 (--precision; auto: on CUDA and CPUs with AMX)."""
+    return pick_precision(getattr(args, "precision", "auto"), device)[0]
 
 
 @torch.inference_mode()
@@ -192,7 +189,7 @@ def predict(records, clip, dets, layers, args, device):
     tokens_model = encode.CLIPTokens(clip, layers)
     tower = encode.TextTower(clip)
     texts = [det.text_features(tower) for det in dets]             # (E, 2) each, once for all images
-    autocast = bf16_autocast(device, on_cpu=True) if frozen_bf16(args, device) else contextlib.nullcontext
+    autocast = bf16_autocast(device, frozen_bf16(args, device))
     maps, scores, masks = [[] for _ in dets], [[] for _ in dets], []
     for i in tqdm(range(0, len(records), args.batch_size), desc="evaluate", dynamic_ncols=True):
         images, m = data.load_images(records[i:i + args.batch_size], S)

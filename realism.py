@@ -155,7 +155,7 @@ def synthesise_modes(ckpt, vae, pool, n, seed, settings, modes, device):
     gen = torch.Generator().manual_seed(seed)
     draws = deviation.sample_synthesis(z_n, deviation.foreground(x)[idx], settings["C"], settings["mask"], gen,
                                        settings["t_min"], settings["source"])
-    grey = encode.grey_for(settings["grey"], cfg["vae"], vae, x, mean, std)
+    grey = deviation.grey_for(settings["grey"], cfg["vae"], vae, x, mean, std)
     base = None if grey is None else grey(z_pool)[idx]                                        # R(z_n), once
     decode = lambda zz: torch.cat([encode.vae_decode(vae, zb * std + mean) for zb in zz.split(16)])
     mask_img = draws["label"].cpu()                                                           # (n, 1, S, S)

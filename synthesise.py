@@ -213,7 +213,7 @@ def main(args):
     views = load_views(ckpt, args.data_root)[:args.n].to(device)
     vae = encode.load_vae(cfg["vae"], cfg["vae_weights"], cfg["random_init"]).to(device)
     eta, proj, mean, std = load_trainables(ckpt, device)
-    grey = encode.grey_for(cfg.get("grey", "off"), cfg["vae"], vae, views, mean, std)
+    grey = deviation.grey_for(cfg.get("grey", "off"), cfg["vae"], vae, views, mean, std)
 
     # the synthesis, exactly as in training: standardised latents, the same draws for learned and control
     z = encode.encode_latents(vae, views)                                                     # (n, c, h, w)

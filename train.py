@@ -22,7 +22,6 @@ A fixed number of steps; the last checkpoint is the result. The test split is ne
     python train.py --data synthetic --shots 1 --random-init --clip ViT-B-16 --steps 200
 """
 import argparse
-import contextlib
 import csv
 import hashlib
 import math
@@ -116,9 +115,10 @@ def parse_args(argv=None):
                    "weights of the losses) skip MedVAE and CLIP on them")
     p.add_argument("--save-synthesis", type=int, default=0, metavar="N", help="at the end, decode the synthesis "
                    "of N views into synthesis.png and synthesis.json beside the checkpoint (synthesise.py)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for every forward, frozen and trainable, "
-                   "on CPU too (default: fp32, but bf16 for the frozen forwards on CUDA); ~1.4-1.9x faster steps "
-                   "on a CPU with avx512_bf16")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="bf16 autocast of the "
+                   "forwards (fp32 weights, optimiser and losses either way). auto: on a CPU with AMX every forward "
+                   "(2.1x faster steps, README Speed), on other CPUs none (slower there); on CUDA the frozen ones")
+    p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="= --precision bf16")
     return p.parse_args(argv)
 
 
@@ -194,7 +194,7 @@ def cache_key(views, layers, device, args):
     files = [None if not p else [stamp(os.path.join(p, f)) for f in sorted(os.listdir(p))] if os.path.isdir(p)
              else stamp(p) for p in (args.clip_weights, args.vae_weights)]
     h.update(repr((args.clip, args.pretrained, args.random_init, list(layers), args.vae, files, device.type,
-                   args.bf16)).encode())
+                   runfiles.pick_precision(args.precision, device)[0])).encode())
     return h.hexdigest()[:20]
 
 
@@ -212,9 +212,8 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = runfiles.pick_device(args.device)
-    autocast = runfiles.bf16_autocast(device, on_cpu=args.bf16)     # the frozen forwards
-    # the trainables' forwards: bf16 only with --bf16 (fp32 master weights and losses), on any device
-    step_autocast = runfiles.bf16_autocast(device, on_cpu=True) if args.bf16 else contextlib.nullcontext
+    frozen_bf16, step_bf16 = runfiles.pick_precision(args.precision, device)   # fp32 weights and losses either way
+    autocast, step_autocast = runfiles.bf16_autocast(device, frozen_bf16), runfiles.bf16_autocast(device, step_bf16)
     gen = torch.Generator().manual_seed(args.seed)  # every random draw of the loop, on the CPU: reproducible
     out = args.out or os.path.join("runs", f"{os.path.basename(args.data.rstrip('/'))}-k{args.shots}-s{args.seed}")
 
@@ -248,9 +247,9 @@ def main(args):
     z_n, z_mean, z_std = standardise(z)                    # per channel, with statistics of the views
     fg = deviation.foreground(views).to(device)          # (k V, 1, S, S) bool
     grey = grey_base = None  # a colour VAE tints grey anomalies: keep them grey (deviation.keep_grey)
-    if uses_latent and args.grey == "decode" and encode.decodes_colour(args.vae) and encode.is_grey(views):
+    if uses_latent and args.grey == "decode" and deviation.decodes_colour(args.vae) and deviation.is_grey(views):
         vae = encode.load_vae(args.vae, args.vae_weights, args.random_init).to(device)
-        grey = encode.grey_round_trip(vae, z_mean.view(1, -1, 1, 1), z_std.view(1, -1, 1, 1))
+        grey = deviation.grey_round_trip(vae, z_mean.view(1, -1, 1, 1), z_std.view(1, -1, 1, 1))
         with torch.no_grad():
             grey_base = grey(z_n)                          # R(z_n) of every view, once
 
@@ -260,7 +259,8 @@ def main(args):
     config.update(layers=layers, clip_act=encode.clip_activation(clip), clip_random=clip_random,
                   vae_random=vae_random, image_size=image_size, token_dim=real[0].shape[1], token_hw=real[0].shape[-1],
                   latent_channels=z.shape[1], latent_hw=z.shape[-1], n_views=len(views), held_out_views=len(held_idx),
-                  bank_size=len(bank_masks) if uses_bank else 0, grey_applied=grey is not None)
+                  bank_size=len(bank_masks) if uses_bank else 0, grey_applied=grey is not None,
+                  frozen_bf16=frozen_bf16, bf16=step_bf16)
     eta, proj, det = (m.to(device) for m in build_trainables(config, clip))
     del clip.visual  # adapters are initialised from it; from here on only the text tower is needed
     opt = torch.optim.Adam([*eta.parameters(), *proj.parameters(), *det.parameters()],

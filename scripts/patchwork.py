@@ -21,7 +21,6 @@ import argparse
 import os
 import sys
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -91,7 +90,7 @@ def main(argv=None):
         z_pool = (encode.encode_latents(vae, pool) - mean) / std
         z_n, x = z_pool[idx], pool[idx]
         h = z_n.shape[-1]
-        grey = encode.grey_for(cfg.get("grey", "off"), cfg["vae"], vae, pool, mean, std)
+        grey = deviation.grey_for(cfg.get("grey", "off"), cfg["vae"], vae, pool, mean, std)
         base = None if grey is None else grey(z_pool)[idx]
         decode = lambda zz: torch.cat([encode.vae_decode(vae, zb * std + mean) for zb in zz.split(16)])
         x0 = decode(z_n)

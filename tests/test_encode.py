@@ -58,6 +58,23 @@ def test_prompt_text_tower_reproduces_encode_text(tiny_clip):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
+def test_text_tower_gradients_match_the_fused_attention(tiny_clip):
+    """On the CPU the tower runs attention by the plain maths path (faster backward there): the same features and
+    the same gradients for the prompt contexts as open_clip's own (fused) path."""
+    det = mediclip.build_mediclip(tiny_clip, n_layers=1)
+    x, eot = det.prompts()
+    x = x.detach().requires_grad_()
+    ours = encode.TextTower(tiny_clip)(x, eot)
+    (g_ours,) = torch.autograd.grad(ours.square().sum(), x)
+    L = int(eot.max()) + 1                        # open_clip's transformer on the same cut sequence, default kernel
+    h = (x[:, :L] + tiny_clip.positional_embedding[:L]).transpose(0, 1)          # (L, N, W): open_clip 2.x
+    h = tiny_clip.transformer(h, attn_mask=tiny_clip.attn_mask[:L, :L]).transpose(0, 1)
+    ref = tiny_clip.ln_final(h)[torch.arange(len(x)), eot] @ tiny_clip.text_projection
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(g_ours, g_ref, atol=1e-4 * float(g_ref.abs().max()), rtol=0)   # summation order
+
+
 def offline(monkeypatch, tmp_path):
     """No route to the hub, an empty HF cache and an empty ~/.cache/clip."""
     import huggingface_hub.constants as c

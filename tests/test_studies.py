@@ -11,6 +11,7 @@ import torch
 from sklearn.metrics import average_precision_score
 
 import augment
+import runfiles
 import data
 import evaluate
 import scans
@@ -229,10 +230,26 @@ def test_mood_files_are_what_moods_evaluation_reads(toy, run, tmp_path, task):
     assert 0 < ap <= 1 and (prevalence is None or ap >= prevalence / 2)
 
 
-def test_precision_of_the_frozen_forward():
+def test_precision_of_the_frozen_forward(monkeypatch):
     auto, bf16 = evaluate.parse_args(["--ckpt", "x"]), evaluate.parse_args(["--ckpt", "x", "--precision", "bf16"])
+    fp32 = evaluate.parse_args(["--ckpt", "x", "--precision", "fp32"])
+    monkeypatch.setattr(runfiles, "cpu_runs_bf16", lambda: False)
     assert not evaluate.frozen_bf16(auto, torch.device("cpu")) and evaluate.frozen_bf16(auto, torch.device("cuda"))
-    assert evaluate.frozen_bf16(bf16, torch.device("cpu"))
+    assert evaluate.frozen_bf16(bf16, torch.device("cpu")) and not evaluate.frozen_bf16(fp32, torch.device("cuda"))
+    monkeypatch.setattr(runfiles, "cpu_runs_bf16", lambda: True)    # a CPU with AMX: bf16 is the fast path there
+    assert evaluate.frozen_bf16(auto, torch.device("cpu")) and not evaluate.frozen_bf16(fp32, torch.device("cpu"))
+
+
+def test_bf16_on_the_cpu_only_with_amx_and_not_when_onednn_is_capped(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert runfiles.cpu_runs_bf16() and runfiles.pick_precision("auto", torch.device("cpu")) == (True, True)
+    assert runfiles.pick_precision("auto", torch.device("cuda")) == (True, False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")              # oneDNN told not to use AMX
+    assert not runfiles.cpu_runs_bf16() and runfiles.pick_precision("auto", torch.device("cpu")) == (False, False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert not runfiles.cpu_runs_bf16() and runfiles.pick_precision("bf16", torch.device("cpu")) == (True, True)
 
 
 def test_slices_take_their_labels_from_the_voxel_mask(tmp_path):
