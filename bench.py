@@ -19,6 +19,7 @@ Random weights (timing does not depend on them) and the synthetic set (no downlo
     python bench.py --quick        # ViT-B-16, small work: about a minute
     python bench.py                # ViT-B-16 and ViT-L-14
     python bench.py --volumes      # and the per-study times of volumes
+    python bench.py --device cuda --precision auto   # on a GPU, as train.py and evaluate.py run there
 """
 import argparse
 import csv
@@ -54,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, default=16, help="images for the cache-build and evaluation timings")
     p.add_argument("--views", type=int, default=16, help="views per shot of the train.py runs")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: the default)")
+    p.add_argument("--device", default="cpu", help="cpu (the default: figures that compare across machines), cuda, "
+                   "or auto (train.py's choice)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="of every forward timed "
                    "(train.py and evaluate.py --precision, the bare CLIP forwards and the MediCLIP-style loop alike); "
                    "fp32 by default, so that the figures compare across machines")
@@ -67,35 +70,41 @@ def parse_args(argv=None):
 
 
 def timed(f, repeat=1):
-    """Best wall time of `repeat` calls (the first call also warms up when repeat > 1)."""
+    """Best wall time of `repeat` calls (the first call also warms up when repeat > 1); on CUDA, until the GPU is
+    done (the kernels run asynchronously)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     best = float("inf")
     for _ in range(repeat):
+        sync()
         t = time.perf_counter()
         f()
+        sync()
         best = min(best, time.perf_counter() - t)
     return best
 
 
-def mediclip_style_run(name, layers, views, steps, B, autocast, seed=0):
+def mediclip_style_run(name, layers, views, steps, B, autocast, step_autocast, device, seed=0):
     """The peer's loop with our modules: every step synthesises pixel anomalies and runs the frozen CLIP."""
     t0 = time.perf_counter()
-    clip = encode.load_clip(name, random_init=True)
+    clip = encode.load_clip(name, random_init=True).to(device)
     S = clip.visual.image_size[0] if not isinstance(clip.visual.image_size, int) else clip.visual.image_size
     tokens_model, tower = encode.CLIPTokens(clip, layers), encode.TextTower(clip)
-    det = mediclip.build_mediclip(clip, len(layers))
+    det = mediclip.build_mediclip(clip, len(layers)).to(device)
     opt = torch.optim.Adam(det.parameters(), lr=1e-3, betas=(0.5, 0.999))
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(len(views), (B,), generator=gen)
         x, m = zip(*[pixel_tasks.synthesise_mediclip(views[i], views, gen) for i in idx])
-        tokens = [t.clone() for t in encode.encode_tokens(tokens_model, torch.stack(x), clip, B, autocast)]
-        with autocast():
+        tokens = [t.clone() for t in encode.encode_tokens(tokens_model, torch.stack(x).to(device), clip, B, autocast)]
+        with step_autocast():
             maps = det(tokens, det.text_features(tower), S)
-        masks = torch.stack(m)
+        masks = torch.stack(m).to(device)
         loss = mediclip.focal_loss(maps, masks) + mediclip.dice_loss(maps, masks)
         opt.zero_grad()
         loss.backward()
         opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
@@ -116,19 +125,19 @@ def peak_rss_gib(script, argv):
 
 def bench_backbone(name, args, tmp):
     row = dict(clip=name)
-    clip = encode.load_clip(name, random_init=True)
+    device = runfiles.pick_device(args.device)
+    clip = encode.load_clip(name, random_init=True).to(device)
     S = clip.visual.image_size[0] if not isinstance(clip.visual.image_size, int) else clip.visual.image_size
     layers = train.resolve_layers(None, len(clip.visual.transformer.resblocks))
     tokens_model = encode.CLIPTokens(clip, layers)
     records = data.load_split("synthetic", "", "test")[:args.images]
-    images, _ = data.load_images(records, S)
-    cpu = torch.device("cpu")
-    bf16 = runfiles.pick_precision(args.precision, cpu)[1]
-    ac = runfiles.bf16_autocast(cpu, bf16)                   # every forward timed here, as train.py's steps run
-    row["bf16"] = float(bf16)
+    images = data.load_images(records, S)[0].to(device)
+    frozen_bf16, step_bf16 = runfiles.pick_precision(args.precision, device)   # as train.py runs its forwards
+    ac, step_ac = runfiles.bf16_autocast(device, frozen_bf16), runfiles.bf16_autocast(device, step_bf16)
+    row["frozen_bf16"], row["step_bf16"] = float(frozen_bf16), float(step_bf16)
 
     # 1. cache build
-    vae = encode.load_medvae("medvae_4_1_2d", random_init=True)
+    vae = encode.load_medvae("medvae_4_1_2d", random_init=True).to(device)
     row["medvae_s_per_image"] = timed(lambda vae=vae: encode.encode_latents(vae, images, autocast=ac)) / len(images)
     row["clip_s_per_image"] = timed(lambda: encode.encode_tokens(tokens_model, images, clip, autocast=ac)) / len(images)
     del vae
@@ -136,31 +145,36 @@ def bench_backbone(name, args, tmp):
     row["clip_forward_batch_s"] = timed(lambda: encode.encode_tokens(tokens_model, batch, clip, len(batch), ac), 2)
 
     # 2 + 3. whole runs: train.py (cached) against the MediCLIP-style loop
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     path = train.main(train.parse_args(["--data", "synthetic", "--shots", "1", "--random-init", "--clip", name,
                                         "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                                        "--views", str(args.views), "--eta-warmup", "0",
+                                        "--views", str(args.views), "--eta-warmup", "0", "--device", args.device,
                                         "--out", os.path.join(tmp, name), "--precision", args.precision]))
     row["train_run_s"] = time.perf_counter() - t
+    if device.type == "cuda":   # this process also holds bench's own CLIP: an upper bound for train.py alone
+        row["train_gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     with open(os.path.join(os.path.dirname(path), "timings.json")) as f:
         row["train_step_s"] = json.load(f)["train_s"] / args.steps
     row["step_over_clip_forward"] = row["train_step_s"] / row["clip_forward_batch_s"]
     shots = data.sample_shots(data.load_split("synthetic", "", "train"), 1, 0)
     views = augment.load_views(augment.view_records(shots, args.views, 0), S, args.views, 0)
-    row["mediclip_style_run_s"] = mediclip_style_run(name, layers, views, args.steps, args.batch_size, ac)
+    row["mediclip_style_run_s"] = mediclip_style_run(name, layers, views, args.steps, args.batch_size, ac, step_ac,
+                                                     device)
     row["speedup_vs_mediclip_style"] = row["mediclip_style_run_s"] / row["train_run_s"]
 
     # 4. evaluation against the bare backbone; rounds interleaved so that a busy spell on a shared machine hits
     # both, best of each. The prompts' text features are computed once per run (not per image): timed apart.
     ev = evaluate.parse_args(["--ckpt", path, "--batch-size", "16", "--precision", args.precision])
-    det = mediclip.build_mediclip(clip, len(layers)).eval()
+    det = mediclip.build_mediclip(clip, len(layers)).eval().to(device)
     row["load_s_per_image"] = timed(lambda: data.load_images(records, S)) / len(records)
     with torch.inference_mode():
         row["eval_setup_s"] = timed(lambda: det.text_features(encode.TextTower(clip)), 2)
     bare, whole = float("inf"), float("inf")
     for _ in range(3):
         bare = min(bare, timed(lambda: encode.encode_tokens(tokens_model, images, clip, autocast=ac)))
-        whole = min(whole, timed(lambda: evaluate.predict(records, clip, [det], layers, ev, torch.device("cpu"))))
+        whole = min(whole, timed(lambda: evaluate.predict(records, clip, [det], layers, ev, device)))
     row["bare_clip_s_per_image"] = bare / len(images)
     row["eval_s_per_image"] = (whole - row["eval_setup_s"]) / len(records)
     row["eval_overhead"] = row["eval_s_per_image"] / row["bare_clip_s_per_image"] - 1
@@ -170,11 +184,13 @@ def bench_backbone(name, args, tmp):
     row["train_peak_gib"], _ = peak_rss_gib("train.py", ["--data", "synthetic", "--shots", "1", "--random-init",
                                                          "--clip", name, "--steps", str(args.steps),
                                                          "--eta-warmup", "0", "--views", str(args.views),
-                                                         "--precision", args.precision, "--out", os.path.join(tmp, "m")])
+                                                         "--precision", args.precision, "--device", args.device,
+                                                         "--out", os.path.join(tmp, "m")])
     row["eval_peak_gib"], _ = peak_rss_gib("evaluate.py", ["--ckpt", os.path.join(tmp, "m", "run.pt"),
-                                                           "--overlays", "0", "--precision", args.precision])
+                                                           "--overlays", "0", "--precision", args.precision,
+                                                           "--device", args.device])
     if args.volumes:
-        row.update(bench_volumes(path, tmp))
+        row.update(bench_volumes(path, tmp, args.device))
     return row
 
 
@@ -190,7 +206,7 @@ def write_volumes(tmp):
     return dict(brain=brain, ct=ct)
 
 
-def bench_volumes(ckpt, tmp):
+def bench_volumes(ckpt, tmp, device="cpu"):
     """Seconds per study of evaluate.py (reading, slices with anatomy, CLIP, maps, studies.csv and the map
     volume; the model's loading timed apart), fp32 and bf16 frozen forwards, and how far bf16's maps and scores are
     from fp32's."""
@@ -201,11 +217,11 @@ def bench_volumes(ckpt, tmp):
         for precision in ("fp32", "bf16"):
             out = os.path.join(tmp, f"{kind}-{precision}")
             t = time.perf_counter()
-            evaluate.load_models([ckpt], evaluate.parse_args(["--ckpt", ckpt]), torch.device("cpu"))
+            evaluate.load_models([ckpt], evaluate.parse_args(["--ckpt", ckpt]), runfiles.pick_device(device))
             load = time.perf_counter() - t
             t = time.perf_counter()
             evaluate.main(evaluate.parse_args(["--ckpt", ckpt, "--images", os.path.dirname(path), "--out", out,
-                                               "--overlays", "0", "--precision", precision]))
+                                               "--overlays", "0", "--precision", precision, "--device", device]))
             row[f"{kind}_study_s_{precision}"] = time.perf_counter() - t - load
             outs[precision] = out
         with open(os.path.join(outs["fp32"], "studies.csv")) as f:
