@@ -133,11 +133,18 @@ def test_interrupted_save_keeps_the_previous_checkpoint(run, tmp_path, monkeypat
     assert path.read_bytes() == open(run, "rb").read() and os.listdir(tmp_path) == ["run.pt"]
 
 
-def test_bf16_autocast_trains_with_finite_losses(tmp_path):
-    path = train.main(train.parse_args(TINY + ["--bf16", "--out", str(tmp_path)]))
+@pytest.mark.parametrize("flags", [["--bf16"], ["--precision", "fp32"]], ids=["bf16", "fp32"])
+def test_both_precisions_train_with_finite_losses(tmp_path, flags):
+    """auto picks one of the two on each machine (bf16 on a CPU with AMX): the other is run here explicitly."""
+    path = train.main(train.parse_args(TINY + flags + ["--out", str(tmp_path)]))
     ckpt = torch.load(path, weights_only=True)
-    assert ckpt["config"]["bf16"] and all(np.isfinite(v) for v in ckpt["stats"]["last"].values())
+    bf16 = flags == ["--bf16"]
+    assert ckpt["config"]["bf16"] == ckpt["config"]["frozen_bf16"] == bf16
+    assert all(np.isfinite(v) for v in ckpt["stats"]["last"].values())
     assert all(v.dtype == torch.float32 for v in ckpt["state_dicts"]["mediclip"].values() if v.is_floating_point())
+    m = evaluate.main(evaluate.parse_args(["--ckpt", path, "--out", str(tmp_path / "eval"), "--overlays", "0",
+                                           "--bootstrap", "0", "--precision", "bf16" if bf16 else "fp32"]))
+    assert 0 <= m["image"]["auroc"] <= 1
 
 
 def test_cache_skips_the_encoders_and_changes_nothing(monkeypatch, tmp_path):
