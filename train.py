@@ -297,15 +297,15 @@ def main(args):
 
                 if uses_latent:  # 2. synthesis: z_anom = z_n + C (1 - m) eta_pred (or n), label = the region
                     draws = deviation.sample_synthesis(z0, fg_b, args.C, args.synth_mask, gen, 0, args.synth_source)
-                    z_anom = deviation.synthesise_latent(z0, draws, eta if uses_eta else None, abar,
-                                                         args.det_trains_eta, grey,
-                                                         None if grey is None else grey_base[idx], args.eta_smooth)[0]
-
+                    # warm-up: eta's output is unused; draw (the random stream stays the same), skip the synthesis
+                    z_anom = None if warm else deviation.synthesise_latent(
+                        z0, draws, eta if uses_eta else None, abar, args.det_trains_eta, grey,
+                        None if grey is None else grey_base[idx], args.eta_smooth)[0]
                     # 3. project into CLIP token space; keep P aligned with the real tokens of the same views
-                    projected = proj(torch.cat([z_anom, z0]))                         # list of (2B, D, H, W)
-                    loss_align, cos = project.alignment_loss([p[B:] for p in projected], tok)
-                    normals.append([p[B:] for p in projected])
-                    if not warm:  # eta_theta's output is used only after its warm-up
+                    projected = proj(z0 if warm else torch.cat([z_anom, z0]))       # list of ((1 or 2) B, D, H, W)
+                    loss_align, cos = project.alignment_loss([p[-B:] for p in projected], tok)
+                    normals.append([p[-B:] for p in projected])
+                    if not warm:
                         anomalies.append([p[:B] for p in projected])
                         labels.append(draws["label"])                                    # (B, 1, S, S)
 

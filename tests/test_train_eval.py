@@ -177,3 +177,16 @@ def test_eta_depends_on_the_deviation_loss_alone(run, tmp_path):
     a, b = (torch.load(p, weights_only=True)["state_dicts"]["eta"] for p in (run, other))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.load(other, weights_only=True)["config"]["synth_mask"] == "lesions"
+
+
+def test_the_warm_up_skips_the_synthesis_it_does_not_use(tmp_path, monkeypatch):
+    """During eta_theta's warm-up the synthesis draws are made (same random stream) but nothing is synthesised."""
+    import deviation
+    calls, real = [], deviation.synthesise_latent
+    monkeypatch.setattr(deviation, "synthesise_latent", lambda *a, **k: calls.append(1) or real(*a, **k))
+    counts = []
+    for warmup in ("0", "4"):
+        calls.clear()
+        train.main(train.parse_args(TINY + ["--eta-warmup", warmup, "--out", str(tmp_path / warmup)]))
+        counts.append(len(calls))
+    assert counts[0] - counts[1] == 4
