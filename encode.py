@@ -339,8 +339,9 @@ def encode_latents(vae, images, batch_size=None, autocast=contextlib.nullcontext
     """images (N, 3, S, S) in [0, 1] -> latents z (N, c, S/f, S/f) float32, batched.
 
     One image at a time on the CPU: the VAE's full-resolution activations (128 channels at 224 px) then stay in
-    the caches; medvae_4_1_2d on 2 cores, fp32: 0.87-0.95 s / image at batch 1 against 1.14-1.65 s at 4 over
-    five measurements, bf16 0.43 against 0.58 s; the latents are the same to 1e-7. A GPU wants batches."""
+    the caches; medvae_4_1_2d on 2 cores, 16 images in a fresh process, fp32: 0.95-0.97 s / image at batch 1
+    against 1.08-1.17 s at 4 (and worse, 1.4-1.7 s, once the process has run larger batches), bf16 0.43 against
+    0.58 s; the latents are the same to 1e-7. A GPU wants batches."""
     batch_size = batch_size or (1 if images.device.type == "cpu" else 16)
     outs = []
     for i in range(0, len(images), batch_size):

@@ -37,6 +37,16 @@ def tiny_clip_config(tmp_path_factory):
     return TINY_CLIP
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_only():
+    """On a GPU machine the tests still run on the CPU, as they do in CI: --device auto would pick CUDA, whose
+    kernels are not bit-reproducible (several tests compare runs bit for bit) and whose bf16 default is not what the
+    CPU tolerances were set for. tests/test_cuda.py takes the GPU back and asks for it by name."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_clip():
     import encode

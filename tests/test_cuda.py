@@ -11,7 +11,16 @@ import evaluate
 import train
 from test_train_eval import TINY
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+# device_count, not is_available: conftest.cpu_only makes is_available say False for the CPU tests
+pytestmark = pytest.mark.skipif(torch.cuda.device_count() == 0, reason="no CUDA device here")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gpu_back():
+    """The other tests run on the CPU even on a GPU machine (conftest.cpu_only); these take the GPU back."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: True)
+        yield
 
 
 def train_on(device, out, extra=()):

@@ -76,8 +76,10 @@ def test_text_tower_gradients_match_the_fused_attention(tiny_clip):
 
 
 def offline(monkeypatch, tmp_path):
-    """No route to the hub, an empty HF cache and an empty ~/.cache/clip."""
+    """No route to the hub, an empty HF cache and an empty ~/.cache/clip; HF_HUB_OFFLINE unset whatever the machine
+    sets (the GPU check exports it)."""
     import huggingface_hub.constants as c
+    monkeypatch.setattr(weights, "hub_offline", lambda: False)
     monkeypatch.setattr(weights, "probe", lambda *a, **k: "no route to https://huggingface.co:443 (test)")
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("HOME", str(tmp_path))

@@ -25,6 +25,8 @@ from test_train_eval import TINY
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """A small toy set (the MNI152 template at 4 mm) in MVFA's and MOOD's layouts, the test studies also as series."""
+    pytest.importorskip("nilearn", reason="the toy set is made from nilearn's MNI152 template (requirements.txt has "
+                        "it; the GPU image does not)")
     root = tmp_path_factory.mktemp("toy")
     truth = toy_volumes.make_set(str(root / "toy"), normal_train=2, normal_test=2, anomalous=4, zoom=0.5, dicom=True)
     return root, truth
@@ -52,7 +54,7 @@ def read_csv(path):
 
 # ---------------------------------------------------------------------------------------------- series
 def test_series_order_and_geometry_match_simpleitk(toy):
-    import SimpleITK as sitk
+    sitk = pytest.importorskip("SimpleITK", reason="the reference DICOM reader (requirements.txt has it)")
     root, _ = toy
     folder = str(root / "toy" / "dicom" / "case_03")
     paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))    # shuffled names: order from headers
