@@ -244,7 +244,8 @@ def main(args):
         for name in args.clips:
             rows.append(bench_backbone(name, args, tmp))
     out = dict(machine=dict(threads=torch.get_num_threads(), cpus=os.cpu_count(), torch=torch.__version__,
-                            cuda=torch.cuda.is_available()), args=vars(args), rows=rows)
+                            cuda=torch.cuda.is_available(),
+                            tf32_matmul=torch.backends.cuda.matmul.allow_tf32), args=vars(args), rows=rows)
     runfiles.write_json(out, args.out)
     keys = [k for k in rows[0] if k != "clip"]
     print(f"{'':30s}" + "".join(f"{r['clip']:>14s}" for r in rows))

@@ -5,7 +5,7 @@
 #   bash ../shared/device/prepare.sh                      (here: fills .device/ with the wheels the GPU image lacks)
 # as a device command of its own after "bash .device/check.sh" (each within the 10-minute limit), carry
 # [".device"]. Logs and bench JSON go to $OUT: gpu_bench.txt and bench-{auto,fp32,tf32}.json (with check.sh's
-# three files, 7 of the 8 that come back).
+# three files, 7 of the 8 that come back); each JSON says whether TF32 matmuls were on (machine.tf32_matmul).
 # Dry run on a CPU: DEVICE=cpu CLIPS=ViT-B-16 EXTRA=--quick bash scripts/gpu_bench.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/device-out}; DEVICE=${DEVICE:-cuda}; CLIPS=${CLIPS:-ViT-B-16 ViT-L-14}; EXTRA=${EXTRA:-}

@@ -21,11 +21,10 @@ LIBRARY_WORDS = ("0x0", "force=True", "object has no attribute", "Traceback")
 
 
 def build_folder(root):
+    datasets = pytest.importorskip("nilearn.datasets", reason="nilearn's MNI152 template (requirements.txt has it)")
     shutil.copytree(os.path.join(os.path.dirname(pydicom.data.__file__), "test_files"), root / "pydicom")
     shutil.copytree(os.path.join(os.path.dirname(nib.__file__), "tests", "data"), root / "nibabel")
-    datasets = pytest.importorskip("nilearn.datasets", reason="nilearn's MNI152 template (requirements.txt has it)")
-    load_mni152_template = datasets.load_mni152_template
-    nib.save(load_mni152_template(resolution=2), root / "mni152.nii.gz")
+    nib.save(datasets.load_mni152_template(resolution=2), root / "mni152.nii.gz")
     (root / "empty.dcm").write_bytes(b"")
     write_dicom(root / "seg.dcm", RAMP, Modality="SEG")
     nib.save(nib.Nifti1Image(np.zeros((40, 40, 8, 3), np.float32), np.eye(4)), root / "fmri_4d.nii.gz")
