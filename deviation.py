@@ -8,21 +8,25 @@ Masked forward process (m = 1 marks clean context, t ~ U{0..T-1}, cosine schedul
     eta = (1 - m) * (n - k_t * x0),   k_t = (1 - sqrt(abar_t)) / sqrt(1 - abar_t)
 so that x_t - x0 = sqrt(1 - abar_t) * eta. eta_theta(x_t, t) predicts eta with an MSE over the whole latent;
 it is not given the mask, so it must find the deviating region itself.
-n is Gaussian, except in a fraction (U(0, 0.3)) of the corrupted patches, where it is the latent of another
-image of the batch at the same place (DeCo-Diff's shuffled patches): deviations that look like anatomy.
+In DeCo-Diff n is Gaussian; here, by default, it is the latent's own phase-randomised surrogate (sample_surrogate:
+the normal image's spectrum and channel structure, random phases), so that eta_theta learns deviations as smooth
+as anatomy, whose decoding is a mass, not 8-px tiles (README, "Is the synthesis like real lesions?"; train.py
+--eta-noise gaussian gives DeCo-Diff's). Either way, in a fraction (U(0, 0.3)) of the corrupted patches n is the
+latent of another image of the batch at the same place (DeCo-Diff's shuffled patches).
 
 Synthesis in one step (the seed's method):
     z_anom = z_n + C * (1 - m) * eta_theta(x_t, t) / rms,   label = the region, at image resolution
-and the control without a network: z_n + C * (1 - m) * n. The region is drawn at image resolution (a smooth
-blob inside the anatomy) and m is its area share per latent cell (a soft mask), so that the decoded anomaly
-follows the drawn outline, not the latent grid's 8-px staircase (sample_synthesis, soft_latent_mask).
+(x_t from n_eta, a surrogate, by default) and the control without a network: z_n + C * (1 - m) * n, n Gaussian.
+The region is drawn at image resolution (a smooth blob inside the anatomy) and m is its area share per latent
+cell (a soft mask), so that the decoded anomaly follows the drawn outline, not the latent grid's 8-px staircase
+(sample_synthesis, soft_latent_mask).
 Grey-scale images in a latent space that decodes colour (TAEF2) keep grey anomalies: the latent change is
 replaced by that of the anomaly's grey decoding (keep_grey); the 1-channel MedVAEs decode grey by construction.
 
     import deviation
     eta = deviation.build_unet("small", channels=1)
     x_t, target = deviation.masked_forward(z, m, t, n)
-    draws = deviation.sample_synthesis(z, deviation.foreground(views), C_range=(1, 3))   # m, label, C, n, t
+    draws = deviation.sample_synthesis(z, deviation.foreground(views), (0.5, 1.5), noise="surrogate")
     z_anom, eta_pred = deviation.synthesise_latent(z, draws, eta)      # eta=None: the latent-noise control
 """
 import math
@@ -52,6 +56,12 @@ def cosine_abar(steps=T, s=0.008):
     return torch.cumprod(1 - betas, dim=0).float()
 
 
+def standardise(z):
+    """z_n = (z - mean) / std per channel; and the mean and std (stored: synthesise.py decodes with them)."""
+    mean, std = z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    return (z - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1), mean, std
+
+
 def masked_forward(x0, m, t, n, abar=None):
     """x0, m, n (B, c, h, w), t (B,) -> x_t and the target eta, both (B, c, h, w)."""
     abar = (cosine_abar() if abar is None else abar).to(x0.device)[t].view(-1, 1, 1, 1)
@@ -76,10 +86,24 @@ def sample_patch_mask(B, h, w, gen, device="cpu"):
     return m.to(device), s.to(device)
 
 
-def sample_noise(x0, s, gen):
-    """n: Gaussian, except where s = 1, where it is the latent of the next image in the batch (shuffled patches)."""
-    n = torch.randn(x0.shape, generator=gen).to(x0.device)
+def sample_noise(x0, s, gen, kind="gaussian"):
+    """n: Gaussian (DeCo-Diff) or x0's own surrogate (sample_surrogate), except where s = 1, where it is the latent
+    of the next image in the batch (shuffled patches)."""
+    n = torch.randn(x0.shape, generator=gen).to(x0.device) if kind == "gaussian" else sample_surrogate(x0, gen)
     return torch.where(s.bool().expand_as(x0), x0.roll(1, dims=0), n)
+
+
+def sample_surrogate(x0, gen):
+    """Noise with each latent's own spectrum and cross-channel structure: every Fourier coefficient of x0 turned by
+    a random phase shared by all channels (a multivariate phase-randomised surrogate, Prichard & Theiler 1994),
+    mean removed, unit RMS per image like Gaussian n. The normal image alone sets how smooth the deviation is and
+    how its channels move together (a grey image's change stays grey); no sign or size prior. (B, c, h, w)"""
+    B, c, h, w = x0.shape
+    turn = torch.fft.rfft2(torch.randn(B, 1, h, w, generator=gen).to(x0.device))   # (B, 1, h, w // 2 + 1)
+    turn = turn / turn.abs().clamp_min(1e-12)                  # unit phases, Hermitian like a real field's
+    n = torch.fft.irfft2(torch.fft.rfft2(x0.float()) * turn, s=(h, w))             # (B, c, h, w)
+    n = n - n.mean(dim=(2, 3), keepdim=True)
+    return n / n.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-6)
 
 
 def sample_blob_mask(fg, gen, min_r=0.08, max_r=0.25, field_hw=None):
@@ -168,7 +192,7 @@ def sample_tissue(z_n, fg, m, gen):
     return out
 
 
-def sample_synthesis(z_n, fg, C_range, mask="lesions", gen=None, t_min=0, source="noise"):
+def sample_synthesis(z_n, fg, C_range, mask="lesions", gen=None, t_min=0, source="noise", noise="gaussian"):
     """The random draws of one synthesis of a batch z_n (B, c, h, w): the anomaly's region, its size
     C ~ U(C_range), the noise n and the step t ~ U{t_min..T-1} of the masked forward. The learned anomaly and
     its control share them. fg (B, 1, S, S) bool: the anatomy at image resolution (foreground). The region:
@@ -194,6 +218,8 @@ def sample_synthesis(z_n, fg, C_range, mask="lesions", gen=None, t_min=0, source
     draws = dict(m=m, label=label, C=C, n=n, t=t)
     if source == "tissue":                       # drawn last: the other draws stay those of source "noise"
         draws["n_eta"] = sample_tissue(z_n, fg_latent, m, gen)
+    elif noise == "surrogate":                   # eta_theta trained on surrogates reads one; the control keeps n
+        draws["n_eta"] = sample_surrogate(z_n, gen)
     return draws
 
 

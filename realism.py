@@ -154,7 +154,7 @@ def synthesise_modes(ckpt, vae, pool, n, seed, settings, modes, device):
     z_n = z_pool[idx]                                                                         # (n, c, h, w)
     gen = torch.Generator().manual_seed(seed)
     draws = deviation.sample_synthesis(z_n, deviation.foreground(x)[idx], settings["C"], settings["mask"], gen,
-                                       settings["t_min"], settings["source"])
+                                       settings["t_min"], settings["source"], settings["noise"])
     grey = deviation.grey_for(settings["grey"], cfg["vae"], vae, x, mean, std)
     base = None if grey is None else grey(z_pool)[idx]                                        # R(z_n), once
     decode = lambda zz: torch.cat([encode.vae_decode(vae, zb * std + mean) for zb in zz.split(16)])
@@ -258,10 +258,12 @@ def main(args):
     settings = dict(C=list(args.C or cfg["C"]), mask=args.synth_mask or cfg["synth_mask"],
                     grey=args.grey or cfg.get("grey", "off"), t_min=args.t_min,
                     eta_smooth=cfg.get("eta_smooth", 0.0) if args.eta_smooth is None else args.eta_smooth,
-                    source=args.synth_source or cfg.get("synth_source", "noise"))
+                    source=args.synth_source or cfg.get("synth_source", "noise"),
+                    noise=cfg.get("eta_noise", "gaussian"))
     warnings = [w for c, p in zip(ckpts, args.ckpt) for w in synthesise.checkpoint_warnings(c["config"], p)]
     trained = dict(C=list(cfg["C"]), mask=cfg["synth_mask"], grey=cfg.get("grey", "off"), t_min=0,
-                   eta_smooth=cfg.get("eta_smooth", 0.0), source=cfg.get("synth_source", "noise"))
+                   eta_smooth=cfg.get("eta_smooth", 0.0), source=cfg.get("synth_source", "noise"),
+                   noise=cfg.get("eta_noise", "gaussian"))
     if settings != trained:   # e.g. --grey decode on a checkpoint from before train.py had --grey
         warnings.append("synthesis settings differ from those the checkpoint trained with: " + ", ".join(
             f"{k} {trained[k]} -> {v}" for k, v in settings.items() if trained[k] != v))

@@ -11,6 +11,7 @@ compute, and the code version stamped on results. train.py writes, evaluate.py, 
 """
 import contextlib
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -151,3 +152,11 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path}: format version {ckpt['format_version']} is newer than this code's "
                               f"{FORMAT_VERSION}; update the code")
     return ckpt
+
+
+def check_finite(step, terms):
+    """A loss term that is NaN or infinite stops the run in one line, before anything is saved."""
+    for name, value in terms.items():
+        if not math.isfinite(value):
+            raise FloatingPointError(f"step {step}: loss term {name} is {value}; the run stopped and no "
+                                     f"checkpoint was written for it (try a lower --lr)")

@@ -219,7 +219,8 @@ def main(args):
     z = encode.encode_latents(vae, views)                                                     # (n, c, h, w)
     z_n = (z - mean) / std
     draws = deviation.sample_synthesis(z_n, deviation.foreground(views), cfg["C"], cfg["synth_mask"],
-                                       torch.Generator().manual_seed(args.seed), 0, cfg.get("synth_source", "noise"))
+                                       torch.Generator().manual_seed(args.seed), 0, cfg.get("synth_source", "noise"),
+                                       cfg.get("eta_noise", "gaussian"))
     base = None if grey is None else grey(z_n)                                                # R(z_n), once for both
     z_l, eta_pred = deviation.synthesise_latent(z_n, draws, eta, deviation.cosine_abar().to(device), grey=grey,
                                                 grey_base=base, smooth=cfg.get("eta_smooth", 0.0))

@@ -4,7 +4,8 @@ Train a one-shot MediCLIP detector on anomalies *learned* in MedVAE latent space
     args -> device -> data (k shots x V views) -> frozen encoders (run once, then freed)
     -> trainables: eta_theta (deviation.py), P_theta (project.py), adapters + prompts (mediclip.py)
     -> per step:
-         x_t, eta      = masked forward of z_n (DeCo-Diff)            L_deco  = |eta_theta(x_t, t) - eta|^2
+         x_t, eta      = masked forward of z_n (DeCo-Diff's; n: a    L_deco  = |eta_theta(x_t, t) - eta|^2
+                         surrogate of z_n, deviation.sample_surrogate)
          z_anom        = z_n + C (1 - m) eta_pred                     (or the control: latent noise; kept grey
                                                                         for grey images in a colour VAE)
          maps          = MediCLIP(P(z_anom)), MediCLIP(P(z_n)), MediCLIP(CLIP tokens)   masks: region, 0, 0
@@ -24,7 +25,6 @@ A fixed number of steps; the last checkpoint is the result. The test split is ne
 import argparse
 import csv
 import hashlib
-import math
 import os
 import sys
 import time
@@ -90,8 +90,12 @@ def parse_args(argv=None):
     p.add_argument("--synth-source", default="noise", choices=["noise", "tissue"], help="what the synthesis's "
                    "masked forward puts into the region for eta_theta to read: Gaussian noise, or the image's own "
                    "tissue from elsewhere (DeCo-Diff's shuffled patches; deviation.sample_tissue)")
-    p.add_argument("--C", type=float, nargs=2, default=[1.0, 3.0], metavar=("LO", "HI"),
-                   help="deviation size in latent stds, drawn uniformly from [LO, HI]")
+    p.add_argument("--eta-noise", default="surrogate", choices=["surrogate", "gaussian"], help="the masked "
+                   "forward's n, in training and synthesis: the latent's own phase-randomised surrogate (its spectrum "
+                   "and channel structure: deviation.sample_surrogate; README realism) or Gaussian (DeCo-Diff); the "
+                   "latent-noise control keeps Gaussian n")
+    p.add_argument("--C", type=float, nargs=2, default=[0.5, 1.5], metavar=("LO", "HI"),
+                   help="deviation size in latent stds, drawn uniformly from [LO, HI] (README realism: measured)")
     p.add_argument("--grey", default="decode", choices=["decode", "off"], help="grey-scale images in a VAE that "
                    "decodes colour (taef2, medvae_4_3/_8_4): keep their anomalies grey through the grey decoding "
                    "(deviation.keep_grey; one VAE decode + encode of the batch per step); the 1-channel MedVAEs "
@@ -177,12 +181,6 @@ def encode_bank(views, clip, tokens_model, device, autocast, args):
     return tokens, masks.to(device)
 
 
-def standardise(z):
-    """z_n = (z - mean) / std per channel; and the mean and std (stored: synthesise.py decodes with them)."""
-    mean, std = z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3)).clamp_min(1e-6)
-    return (z - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1), mean, std
-
-
 def cache_key(views, layers, device, args):
     """What the frozen encodings of the views depend on: their pixels (so the data, shots, seed and
     augmentation), the encoders and their weights, the precision, and the code of encode.py."""
@@ -196,13 +194,6 @@ def cache_key(views, layers, device, args):
     h.update(repr((args.clip, args.pretrained, args.random_init, list(layers), args.vae, files, device.type,
                    runfiles.pick_precision(args.precision, device)[0])).encode())
     return h.hexdigest()[:20]
-
-
-def check_finite(step, terms):
-    for name, value in terms.items():
-        if not math.isfinite(value):
-            raise FloatingPointError(f"step {step}: loss term {name} is {value}; the run stopped and no "
-                                     f"checkpoint was written for it (try a lower --lr)")
 
 
 def main(args):
@@ -244,7 +235,7 @@ def main(args):
     text_tower = encode.TextTower(clip)
     del tokens_model  # the loop never runs the frozen image encoders
     encode_s = time.time() - t0
-    z_n, z_mean, z_std = standardise(z)                    # per channel, with statistics of the views
+    z_n, z_mean, z_std = deviation.standardise(z)                 # per channel, with statistics of the views
     fg = deviation.foreground(views).to(device)          # (k V, 1, S, S) bool
     grey = grey_base = None  # a colour VAE tints grey anomalies: keep them grey (deviation.keep_grey)
     if uses_latent and args.grey == "decode" and deviation.decodes_colour(args.vae) and deviation.is_grey(views):
@@ -292,11 +283,13 @@ def main(args):
                 if uses_eta:  # 1. DeCo-Diff masked forward process: eta_theta learns to predict the deviation
                     m, s = deviation.sample_patch_mask(B, h, w, gen, device)
                     t = torch.randint(deviation.T, (B,), generator=gen).to(device)
-                    x_t, eta_target = deviation.masked_forward(z0, m, t, deviation.sample_noise(z0, s, gen), abar)
+                    n = deviation.sample_noise(z0, s, gen, args.eta_noise)
+                    x_t, eta_target = deviation.masked_forward(z0, m, t, n, abar)
                     loss_deco = F.mse_loss(eta(x_t, t).float(), eta_target)
 
                 if uses_latent:  # 2. synthesis: z_anom = z_n + C (1 - m) eta_pred (or n), label = the region
-                    draws = deviation.sample_synthesis(z0, fg_b, args.C, args.synth_mask, gen, 0, args.synth_source)
+                    draws = deviation.sample_synthesis(z0, fg_b, args.C, args.synth_mask, gen, 0, args.synth_source,
+                                                       args.eta_noise)
                     # warm-up: eta's output is unused; draw (the random stream stays the same), skip the synthesis
                     z_anom = None if warm else deviation.synthesise_latent(
                         z0, draws, eta if uses_eta else None, abar, args.det_trains_eta, grey,
@@ -327,7 +320,7 @@ def main(args):
                 loss = args.w1 * (loss_focal + loss_dice) + args.w2 * loss_deco + args.w3 * loss_align
             terms = dict(focal=loss_focal.item(), dice=loss_dice.item(), deco=loss_deco.item(), align=loss_align.item(),
                          total=loss.item())
-            check_finite(step, terms)
+            runfiles.check_finite(step, terms)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -357,7 +350,8 @@ def main(args):
         text = det.text_features(text_tower)
     cal_gen = torch.Generator().manual_seed(args.seed + 1)
     synth_tokens = None if not uses_latent else lambda s: proj(deviation.synthesise_latent(
-        z_n[s], deviation.sample_synthesis(z_n[s], fg[s], args.C, args.synth_mask, cal_gen, 0, args.synth_source),
+        z_n[s], deviation.sample_synthesis(z_n[s], fg[s], args.C, args.synth_mask, cal_gen, 0, args.synth_source,
+                                                 args.eta_noise),
         eta if uses_eta else None, abar, grey=grey,
         grey_base=None if grey is None else grey_base[s], smooth=args.eta_smooth)[0])
     calibration = calib.calibration_set(det, text, S, real, synth_tokens, (bank, bank_masks) if uses_bank else None,

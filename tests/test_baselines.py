@@ -44,7 +44,7 @@ def test_ablation_table_and_resume(monkeypatch, tmp_path):
     # the protocol with other train.py settings into the same --out: refused, never taken for its own runs
     other = argv[:argv.index("--") + 1] + TINY[TINY.index("--random-init"):] + ["--bank", "4", "--C", "2", "4"]
     with pytest.raises(SystemExit, match=r"k1/deviation/s0: made with other train.py settings than this call "
-                                         r"\(--C \[1.0, 3.0\] then, \[2.0, 4.0\] now\)"):
+                                         r"\(--C \[0.5, 1.5\] then, \[2.0, 4.0\] now\)"):
         ablation.main(ablation.parse_args(other))
     assert ablation.main(ablation.parse_args(other[:other.index("--")] + ["--report-only"] + other[other.index("--"):])) == []
     assert len(json.load(open(tmp_path / "runs.json"))["other_settings"]) == 4

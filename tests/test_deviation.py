@@ -167,3 +167,25 @@ def test_tissue_source_is_the_images_own_latent_moved_and_keeps_the_other_draws(
     z_p, _ = deviation.synthesise_latent(z, plain, eta)
     assert not torch.equal(z_t, z_p) and torch.equal(deviation.synthesise_latent(z, draws)[0],
                                                      deviation.synthesise_latent(z, plain)[0])
+
+
+def test_surrogate_noise_has_the_latents_spectrum_and_channel_structure():
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(4, 1, 16, 16, generator=g).cumsum(-1).cumsum(-2)              # red, like an image's latent
+    z = torch.cat([z, 2 * z - 1, torch.randn(4, 1, 16, 16, generator=g)], 1)       # channel 1 moves with channel 0
+    n = deviation.sample_surrogate(z, g)
+    assert n.shape == z.shape
+    torch.testing.assert_close(n.mean(dim=(2, 3)), torch.zeros(4, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(n.pow(2).mean(dim=(1, 2, 3)), torch.ones(4))          # unit RMS, like Gaussian n
+    torch.testing.assert_close(n[:, 1], 2 * n[:, 0], atol=1e-4, rtol=0)              # the channels' relation kept
+    power = lambda a: torch.fft.rfft2(a - a.mean(dim=(-2, -1), keepdim=True)).abs().flatten(2)[..., 1:]
+    ratio = power(n) / power(z)                                                       # (B, c, f): one gain per image
+    torch.testing.assert_close(ratio, ratio[:, :1, :1].expand_as(ratio), rtol=1e-3, atol=0)
+    centred = z - z.mean(dim=(2, 3), keepdim=True)
+    assert not torch.allclose(n, centred * ratio[:, 0, 0].view(4, 1, 1, 1))        # the phases are new
+    # training draws it where the patches are not shuffled; the synthesis gives it to eta_theta, the control keeps n
+    fg = torch.ones(4, 1, 64, 64, dtype=torch.bool)
+    plain = deviation.sample_synthesis(z, fg, (1.0, 3.0), "lesions", torch.Generator().manual_seed(0))
+    draws = deviation.sample_synthesis(z, fg, (1.0, 3.0), "lesions", torch.Generator().manual_seed(0), 0, "noise",
+                                       "surrogate")
+    assert all(torch.equal(plain[k], draws[k]) for k in plain) and draws["n_eta"].shape == z.shape
