@@ -202,7 +202,8 @@ def sample_synthesis(z_n, fg, C_range, mask="lesions", gen=None, t_min=0, source
       patches  DeCo-Diff's square patches on the latent grid
     source "tissue": the masked forward that eta_theta reads puts tissue of the same image from elsewhere in the
     anatomy into the region (sample_tissue; DeCo-Diff's shuffled patches) instead of the Gaussian n ("n_eta");
-    the latent-noise control keeps n.
+    noise "surrogate" (with source "noise"): it puts z_n's own surrogate there (sample_surrogate, "n_eta"), as
+    eta_theta trained with it reads. Either way the latent-noise control keeps the Gaussian n.
     Returns m (B, 1, h, w), 1 = clean, the label (B, 1, S, S), 1 = anomalous, C, n and t (and n_eta)."""
     B, (h, w), device = len(z_n), z_n.shape[-2:], z_n.device
     fg_latent = F.adaptive_avg_pool2d(fg.float(), (h, w)) > 0.5                    # (B, 1, h, w)

@@ -255,6 +255,9 @@ def main(args):
     for p, c in zip(args.ckpt[1:], ckpts[1:]):
         if (c["config"]["vae"], c["config"]["image_size"]) != (cfg["vae"], S):
             raise ValueError(f"{p}: VAE or image size differs from {args.ckpt[0]}'s; the seeds must share them")
+        if c["config"].get("eta_noise", "gaussian") != cfg.get("eta_noise", "gaussian"):   # eta reads its own kind
+            raise ValueError(f"{p}: eta_theta trained on another --eta-noise than {args.ckpt[0]}'s; the seeds must "
+                             f"share it")
     settings = dict(C=list(args.C or cfg["C"]), mask=args.synth_mask or cfg["synth_mask"],
                     grey=args.grey or cfg.get("grey", "off"), t_min=args.t_min,
                     eta_smooth=cfg.get("eta_smooth", 0.0) if args.eta_smooth is None else args.eta_smooth,

@@ -88,8 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--eta-smooth", type=float, default=0.0, help="low-pass eta_pred by a Gaussian of this many "
                    "latent cells before it synthesises (deviation.smooth_eta; 0: off)")
     p.add_argument("--synth-source", default="noise", choices=["noise", "tissue"], help="what the synthesis's "
-                   "masked forward puts into the region for eta_theta to read: Gaussian noise, or the image's own "
-                   "tissue from elsewhere (DeCo-Diff's shuffled patches; deviation.sample_tissue)")
+                   "masked forward puts into the region for eta_theta to read: noise (of --eta-noise's kind), or the "
+                   "image's own tissue from elsewhere (DeCo-Diff's shuffled patches; deviation.sample_tissue)")
     p.add_argument("--eta-noise", default="surrogate", choices=["surrogate", "gaussian"], help="the masked "
                    "forward's n, in training and synthesis: the latent's own phase-randomised surrogate (its spectrum "
                    "and channel structure: deviation.sample_surrogate; README realism) or Gaussian (DeCo-Diff); the "
@@ -235,7 +235,7 @@ def main(args):
     text_tower = encode.TextTower(clip)
     del tokens_model  # the loop never runs the frozen image encoders
     encode_s = time.time() - t0
-    z_n, z_mean, z_std = deviation.standardise(z)                 # per channel, with statistics of the views
+    z_n, z_mean, z_std = deviation.standardise(z)      # per channel, with statistics of the views
     fg = deviation.foreground(views).to(device)          # (k V, 1, S, S) bool
     grey = grey_base = None  # a colour VAE tints grey anomalies: keep them grey (deviation.keep_grey)
     if uses_latent and args.grey == "decode" and deviation.decodes_colour(args.vae) and deviation.is_grey(views):
@@ -351,7 +351,7 @@ def main(args):
     cal_gen = torch.Generator().manual_seed(args.seed + 1)
     synth_tokens = None if not uses_latent else lambda s: proj(deviation.synthesise_latent(
         z_n[s], deviation.sample_synthesis(z_n[s], fg[s], args.C, args.synth_mask, cal_gen, 0, args.synth_source,
-                                                 args.eta_noise),
+                                           args.eta_noise),
         eta if uses_eta else None, abar, grey=grey,
         grey_base=None if grey is None else grey_base[s], smooth=args.eta_smooth)[0])
     calibration = calib.calibration_set(det, text, S, real, synth_tokens, (bank, bank_masks) if uses_bank else None,

@@ -147,6 +147,16 @@ def test_realism_writes_its_interface(ckpt, tmp_path):
     assert "held" not in d and "dev" in d
 
 
+def test_seeds_whose_eta_read_another_noise_are_refused(ckpt, tmp_path):
+    """Each seed's eta_theta must be given the noise it trained on: checkpoints of both kinds refused in one line."""
+    from runfiles import load_checkpoint, save_checkpoint
+    other = load_checkpoint(ckpt)
+    other["config"]["eta_noise"] = "gaussian"
+    save_checkpoint(other, str(tmp_path / "gaussian.pt"))
+    with pytest.raises(ValueError, match=r"gaussian.pt: eta_theta trained on another --eta-noise"):
+        realism.main(realism.parse_args(["--ckpt", ckpt, str(tmp_path / "gaussian.pt"), "--out", str(tmp_path / "o")]))
+
+
 def test_real_lesions_from_an_mvfa_folder_of_tiff_masks_grey_and_rgb(tmp_path):
     """realism.py reads any dataset with lesion masks: here MVFA's layout, grey and RGB images and masks in PNG,
     JPEG and TIFF; the images come back RGB on [0, 1], the masks binary, split into the two fixed halves."""
