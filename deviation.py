@@ -360,4 +360,6 @@ class UNet(nn.Module):
 
 
 def build_unet(preset, channels):
-    return UNet(channels, **UNET_PRESETS[preset])
+    # channels-last weights: oneDNN's convolutions then keep every activation channels-last (a 1-channel input
+    # cannot say which layout it is in), fp32 forward + backward on 2 CPU cores 240 -> 197 ms (README, "Speed")
+    return UNet(channels, **UNET_PRESETS[preset]).to(memory_format=torch.channels_last)

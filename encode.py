@@ -179,8 +179,9 @@ class CLIPTokens(nn.Module):
             x = block(x)
             if i in self.layers:
                 out[i] = x if self.batch_first else x.transpose(0, 1)
-        # drop CLS, back to a grid
-        return [out[i][:, 1:].transpose(1, 2).reshape(B, D, H, W) for i in self.layers]
+        # drop CLS, back to a grid: (B, D, H, W) with the token dim last in memory (channels-last), so that the
+        # adapters' LayerNorm over D reads it without a copy
+        return [out[i][:, 1:].reshape(B, H, W, D).permute(0, 3, 1, 2) for i in self.layers]
 
 
 @torch.inference_mode()

@@ -91,6 +91,19 @@ def test_unet_shapes_and_fits_a_tiny_problem():
     assert losses[-1] < losses[0] / 10
 
 
+def test_channels_last_unet_computes_what_a_plain_one_does():
+    """build_unet keeps its weights channels-last (speed): the same function as the module in the default layout,
+    and a checkpoint's state dict loads into either."""
+    torch.manual_seed(0)
+    net = deviation.build_unet("tiny", channels=1)
+    torch.nn.init.normal_(net.conv_out.weight, std=0.1)
+    plain = deviation.UNet(1, **deviation.UNET_PRESETS["tiny"])
+    plain.load_state_dict(net.state_dict())
+    x, t = torch.randn(3, 1, 12, 12), torch.tensor([0, 4, 9])
+    assert net.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(net(x, t), plain(x, t), rtol=1e-5, atol=1e-6)
+
+
 def disc(S, cy, cx, r):
     yy, xx = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
     return (((yy - cy) ** 2 + (xx - cx) ** 2).sqrt() <= r).float()[None, None]             # (1, 1, S, S)

@@ -1,4 +1,5 @@
 """MediCLIP parts: zero-shot initialisation, map shapes, losses against hand-computed values."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -64,3 +65,33 @@ def test_alignment_improves_under_training():
         opt.step()
     assert [t.shape for t in P(z)] == [(8, 24, 4, 4)] * 2
     assert cos > cos0 + 0.3 and cos > 0.8
+
+
+@pytest.mark.parametrize("hw", [(16, 4), (56, 14), (56, 16), (15, 4), (7, 7)])
+def test_area_pool_is_adaptive_average_pooling(hw):
+    n, N = hw
+    x = torch.randn(2, 5, n, n, dtype=torch.float64)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x_ = x.clone().contiguous(memory_format=layout).requires_grad_()
+        ref_x = x.clone().requires_grad_()
+        y, ref = project.area_pool(x_, N), F.adaptive_avg_pool2d(ref_x, N)
+        torch.testing.assert_close(y, ref)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        g = torch.randn_like(ref)
+        y.backward(g)
+        ref.backward(g)
+        torch.testing.assert_close(x_.grad, ref_x.grad)
+
+
+def test_tokens_are_channels_last_so_the_adapters_read_them_without_a_copy(tiny_clip):
+    """CLIP's tokens and P_theta's come out (B, D, H, W) with D last in memory; the detector's maps are the same
+    whichever layout it is given."""
+    tokens = encode.encode_tokens(encode.CLIPTokens(tiny_clip, (2, 4)), torch.rand(2, 3, 64, 64), tiny_clip)
+    P = project.build_projection("tiny", latent_channels=1, token_dim=64, token_hw=4, n_layers=2)
+    projected = P(torch.randn(2, 1, 16, 16))
+    for t in tokens + projected:
+        assert t.is_contiguous(memory_format=torch.channels_last)
+    det = mediclip.build_mediclip(tiny_clip, 2)
+    with torch.no_grad():
+        text = det.text_features(encode.TextTower(tiny_clip))
+        torch.testing.assert_close(det(tokens, text, 64), det([t.contiguous() for t in tokens], text, 64))
