@@ -266,12 +266,14 @@ def main(args):
     B, S = args.batch_size, image_size
     zero = torch.zeros((), device=device)
     det_steps, step = 0, 0  # steps in which the detection loss was computed (after eta_theta's warm-up)
+    det_step_s = []         # and the seconds of each (timings.json: their median, free of the first steps' set-up)
     try:
         # eta_theta's warm-up steps are fast: the bar says so, and its ETA (recent steps) settles soon after
         for step in (bar := tqdm(range(1, args.steps + 1), desc="eta warm-up" if uses_eta and args.eta_warmup else
                                  "train", dynamic_ncols=True, smoothing=0.1)):
             if step == args.eta_warmup + 1 and uses_eta:
                 bar.set_description("train")
+            t_step = time.time()
             with step_autocast():
                 idx = train_idx[torch.randint(len(train_idx), (B,), generator=gen)]
                 z0, tok, fg_b = z_n[idx], [t[idx] for t in real], fg[idx]
@@ -324,6 +326,7 @@ def main(args):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            det_step_s += [time.time() - t_step] if anomalies else []
 
             if step % args.log_every == 0 or step in (1, args.steps):
                 with torch.no_grad():
@@ -373,7 +376,8 @@ def main(args):
     }
     # the checkpoint's bytes depend on its inputs only; how long it took goes beside it
     runfiles.write_json(dict(encode_s=encode_s, train_s=train_s, calib_s=calib_s, encodings_cached=cached,
-                    wall_s=time.time() - t0), os.path.join(out, "timings.json"))
+                             det_step_s_median=float(torch.tensor(det_step_s).median()) if det_step_s else None,
+                             wall_s=time.time() - t0), os.path.join(out, "timings.json"))
     path = os.path.join(out, "run.pt")
     runfiles.save_checkpoint(ckpt, path)
     print(f"first log row: {first}\nlast log row:  {row}")
