@@ -89,7 +89,7 @@ def mediclip_style_run(name, layers, views, steps, B, autocast, step_autocast, d
     t0 = time.perf_counter()
     clip = encode.load_clip(name, random_init=True).to(device)
     S = clip.visual.image_size[0] if not isinstance(clip.visual.image_size, int) else clip.visual.image_size
-    tokens_model, tower = encode.CLIPTokens(clip, layers), encode.TextTower(clip)
+    tokens_model, tower = encode.CLIPTokens(clip, layers), mediclip.TextTower(clip)
     det = mediclip.build_mediclip(clip, len(layers)).to(device)
     opt = torch.optim.Adam(det.parameters(), lr=1e-3, betas=(0.5, 0.999))
     gen = torch.Generator().manual_seed(seed)
@@ -175,7 +175,7 @@ def bench_backbone(name, args, tmp):
     det = mediclip.build_mediclip(clip, len(layers)).eval().to(device)
     row["load_s_per_image"] = timed(lambda: data.load_images(records, S)) / len(records)
     with torch.inference_mode():
-        row["eval_setup_s"] = timed(lambda: det.text_features(encode.TextTower(clip)), 2)
+        row["eval_setup_s"] = timed(lambda: det.text_features(mediclip.TextTower(clip)), 2)
     bare, whole = float("inf"), float("inf")
     for _ in range(3):
         bare = min(bare, timed(lambda: encode.encode_tokens(tokens_model, images, clip, autocast=ac)))

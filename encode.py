@@ -1,5 +1,6 @@
 """
-The frozen encoders: MedVAE (image -> latent z) and CLIP (image -> patch tokens; text tower for prompts).
+The frozen encoders: MedVAE (image -> latent z) and CLIP (image -> patch tokens; its text tower for the prompts is
+mediclip.TextTower).
 
 - MedVAE (Varma et al., "MedVAE: Efficient Automated Interpretation of Medical Images with Large-Scale
   Generalizable Autoencoders", 2025), through the real `medvae` package. We use the stage-1 2D latent and
@@ -32,7 +33,6 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import weights as W
 from taef2 import TAEF2
@@ -193,40 +193,6 @@ def encode_tokens(tokens_model, images, clip, batch_size=16, autocast=contextlib
         with autocast():
             outs.append([t.float() for t in tokens_model(x)])
     return [torch.cat(parts) for parts in zip(*outs)]
-
-
-class TextTower(nn.Module):
-    """CLIP's frozen text transformer fed with token *embeddings*, so that prompt contexts can be learned.
-
-    With CLIP's causal mask, tokens after the end-of-text (EOT) token cannot change its features, so the
-    sequence is cut after the longest prompt's EOT: exact, and several times cheaper than 77 tokens.
-    """
-
-    def __init__(self, clip):
-        super().__init__()
-        if not hasattr(clip, "token_embedding"):
-            raise ValueError("only CLIP models with open_clip's built-in text tower are supported")
-        self.token_embedding = clip.token_embedding
-        self.positional_embedding = clip.positional_embedding
-        self.transformer = clip.transformer
-        self.ln_final = clip.ln_final
-        self.text_projection = clip.text_projection
-        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
-        self.batch_first = getattr(clip.transformer, "batch_first", False)
-
-    def forward(self, x, eot):
-        """x (N, L, W) prompt embeddings, eot (N,) index of each EOT token -> (N, E) text features."""
-        L = int(eot.max()) + 1
-        x = x[:, :L] + self.positional_embedding[:L].to(x.dtype)
-        mask = self.attn_mask[:L, :L] if self.attn_mask is not None else None
-        x = x if self.batch_first else x.transpose(0, 1)  # (L, N, W) for open_clip 2.x
-        # CPU: plain softmax(QK^T)V; the fused kernel's backward took 16x its forward on these short prompts
-        with sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" else contextlib.nullcontext():
-            x = self.transformer(x, attn_mask=mask)
-        x = x if self.batch_first else x.transpose(0, 1)  # (N, L, W)
-        x = self.ln_final(x)[torch.arange(x.shape[0], device=x.device), eot]  # (N, W)
-        proj = self.text_projection
-        return proj(x) if isinstance(proj, nn.Module) else x @ proj
 
 
 # -----------------------------------------------------------------------------

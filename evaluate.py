@@ -187,7 +187,7 @@ def predict(records, clip, dets, layers, args, device):
     (N, S, S); one frozen CLIP forward per batch serves every detector."""
     S = clip.visual.image_size if isinstance(clip.visual.image_size, int) else clip.visual.image_size[0]
     tokens_model = encode.CLIPTokens(clip, layers)
-    tower = encode.TextTower(clip)
+    tower = mediclip.TextTower(clip)
     texts = [det.text_features(tower) for det in dets]             # (E, 2) each, once for all images
     autocast = bf16_autocast(device, frozen_bf16(args, device))
     maps, scores, masks = [[] for _ in dets], [[] for _ in dets], []

@@ -1,6 +1,7 @@
 """
 The trainable parts of MediCLIP (Zhang et al., "MediCLIP: Adapting CLIP for Few-shot Medical Image Anomaly
-Detection", MICCAI 2024): per-layer adapters, CoOp-style learnable prompts, the anomaly map and its losses.
+Detection", MICCAI 2024): per-layer adapters, CoOp-style learnable prompts, the anomaly map and its losses, and
+the frozen CLIP text tower the prompts go through (TextTower, CoOp's TextEncoder).
 
     anomaly map  M = softmax_c( mean_l  A_l(tokens_l) . t_c ),  c in {normal, abnormal}, upsampled to the image
     image score  s = max M[abnormal]           (or the mean of its top-k pixels)
@@ -16,12 +17,15 @@ adapter with CLIP's own final LayerNorm + projection, so an untrained model give
     import encode, mediclip
     clip = encode.load_clip("ViT-B-16", random_init=True)
     model = mediclip.build_mediclip(clip, n_layers=3)
-    text = model.text_features(encode.TextTower(clip))      # (E, 2)
+    text = model.text_features(mediclip.TextTower(clip))    # (E, 2)
     probs = model(tokens, text, image_size=224)              # (B, 2, S, S)
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # MediCLIP's phrases (its config/*.yaml)
 NORMAL_PHRASES = ["normal", "healthy", "negative", "unremarkable", "clear", "asymptomatic",
@@ -63,6 +67,75 @@ class PromptLearner(nn.Module):
     def forward(self):
         ctx = torch.cat([self.ctx_normal, self.ctx_abnormal])         # (N, n_ctx, W)
         return torch.cat([self.prefix, ctx, self.suffix], dim=1), self.eot  # (N, 77, W), (N,)
+
+
+class TextTower(nn.Module):
+    """CLIP's frozen text transformer fed with token *embeddings*, so that prompt contexts can be learned.
+
+    With CLIP's causal mask a token sees only itself and the tokens before it, so tokens after a prompt's
+    end-of-text (EOT) cannot change its features: they are never computed (exact). The prompts' tokens run packed,
+    one row each, through the linear layers (MediCLIP's 21 prompts: 276 rows where a padded batch has 336); only
+    the attention sees them as a padded (prompts, length) grid.
+    """
+
+    def __init__(self, clip):
+        super().__init__()
+        if not hasattr(clip, "token_embedding"):
+            raise ValueError("only CLIP models with open_clip's built-in text tower are supported")
+        self.token_embedding = clip.token_embedding
+        self.positional_embedding = clip.positional_embedding
+        self.transformer = clip.transformer
+        self.ln_final = clip.ln_final
+        self.text_projection = clip.text_projection
+        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
+        self.batch_first = getattr(clip.transformer, "batch_first", False)
+        # packing needs the causal mask and open_clip's plain residual blocks (CLIP's); other towers run padded
+        self.packed = clip.attn_mask is not None and all(is_plain_block(b) for b in clip.transformer.resblocks)
+
+    def forward(self, x, eot):
+        """x (N, L, W) prompt embeddings, eot (N,) index of each EOT token -> (N, E) text features."""
+        L = int(eot.max()) + 1
+        x = x[:, :L] + self.positional_embedding[:L].to(x.dtype)      # (N, L, W)
+        # CPU: plain softmax(QK^T)V; the fused kernel's backward took 16x its forward on these short prompts
+        with sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" else contextlib.nullcontext():
+            x = self.run_packed(x, eot) if self.packed else self.run_padded(x, eot)   # (N, W) at each EOT
+        proj = self.text_projection
+        return proj(x) if isinstance(proj, nn.Module) else x @ proj
+
+    def run_padded(self, x, eot):
+        mask = self.attn_mask[:x.shape[1], :x.shape[1]] if self.attn_mask is not None else None
+        x = x if self.batch_first else x.transpose(0, 1)  # (L, N, W) for open_clip 2.x
+        x = self.transformer(x, attn_mask=mask)
+        x = x if self.batch_first else x.transpose(0, 1)  # (N, L, W)
+        return self.ln_final(x)[torch.arange(x.shape[0], device=x.device), eot]
+
+    def run_packed(self, x, eot):
+        N, L, W = x.shape
+        rows = (torch.arange(L, device=x.device) <= eot[:, None]).flatten().nonzero().squeeze(1)  # (T,) SOT..EOT
+        h = x.reshape(N * L, W)[rows]                                  # (T, W)
+        for block in self.transformer.resblocks:
+            h = packed_block(block, h, rows, N, L)
+        return self.ln_final(h[(eot + 1).cumsum(0) - 1])               # (N, W): each prompt's last row, its EOT
+
+
+def is_plain_block(block):
+    """open_clip's ResidualAttentionBlock as CLIP has it: nn.MultiheadAttention, no extra norms or kv inputs."""
+    return (isinstance(getattr(block, "attn", None), nn.MultiheadAttention) and block.attn._qkv_same_embed_dim
+            and all(hasattr(block, a) for a in ("ln_1", "ls_1", "ln_2", "mlp", "ls_2"))
+            and not any(hasattr(block, a) for a in ("ln_1_kv", "ln_attn", "ln_inner")))
+
+
+def packed_block(block, h, rows, N, L):
+    """One residual attention block (open_clip's forward) on packed rows h (T, W); rows (T,) is the cell of each
+    row in the padded (N, L) grid, where the cells after an EOT stay zero and the causal mask hides them."""
+    a, W = block.attn, h.shape[1]
+    qkv = F.linear(block.ln_1(h), a.in_proj_weight, a.in_proj_bias)                    # (T, 3W)
+    qkv = qkv.new_zeros(N * L, 3 * W).index_copy(0, rows, qkv)                         # (N L, 3W)
+    q, k, v = qkv.view(N, L, 3, a.num_heads, W // a.num_heads).permute(2, 0, 3, 1, 4)   # each (N, heads, L, d)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True)                        # (N, heads, L, d)
+    o = o.transpose(1, 2).reshape(N * L, W)[rows]                                      # (T, W)
+    h = h + block.ls_1(a.out_proj(o))
+    return h + block.ls_2(block.mlp(block.ln_2(h)))
 
 
 class MediCLIP(nn.Module):

@@ -232,7 +232,7 @@ def main(args):
     if uses_bank:  # pixel-space baselines: a bank of synthesised views, encoded once like the normals
         print(f"synthesising and encoding a bank of {args.bank} {args.synth} anomalies ...", flush=True)
         bank, bank_masks = encode_bank(views[train_idx], clip, tokens_model, device, autocast, args)
-    text_tower = encode.TextTower(clip)
+    text_tower = mediclip.TextTower(clip)
     del tokens_model  # the loop never runs the frozen image encoders
     encode_s = time.time() - t0
     z_n, z_mean, z_std = deviation.standardise(z)      # per channel, with statistics of the views

@@ -38,7 +38,7 @@ PARTS = [
     ("masks, noise, synthesis", deviation, "masked_forward"), ("masks, noise, synthesis", deviation, "sample_synthesis"),
     ("masks, noise, synthesis", deviation, "synthesise_latent"),
     ("projection P_theta forward", project.Projection, "forward"),
-    ("text tower forward", encode.TextTower, "forward"),
+    ("text tower forward", mediclip.TextTower, "forward"),
     ("adapters + maps forward", mediclip.MediCLIP, "forward"),
     ("losses", mediclip, "focal_loss"), ("losses", mediclip, "dice_loss"), ("losses", project, "alignment_loss"),
     ("backward (all parts)", torch.Tensor, "backward"),
@@ -91,7 +91,7 @@ def print_table(watch, wall, steps):
 
 def capture(store):
     """Keep the run's trainables and the text tower (for --split)."""
-    build, init = train.build_trainables, encode.TextTower.__init__
+    build, init = train.build_trainables, mediclip.TextTower.__init__
 
     def keep_trainables(*a, **k):
         store["eta"], store["proj"], store["det"] = build(*a, **k)
@@ -100,7 +100,7 @@ def capture(store):
     def keep_text(self, clip):
         init(self, clip)
         store["text"] = self
-    train.build_trainables, encode.TextTower.__init__ = keep_trainables, keep_text
+    train.build_trainables, mediclip.TextTower.__init__ = keep_trainables, keep_text
 
 
 def time_split(store, config, B, repeat=5):

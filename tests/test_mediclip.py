@@ -18,7 +18,7 @@ def test_untrained_adapters_are_clips_own_head(tiny_clip):
 
 def test_map_shapes_and_probabilities(tiny_clip):
     det = mediclip.build_mediclip(tiny_clip, n_layers=3)
-    text = det.text_features(encode.TextTower(tiny_clip))
+    text = det.text_features(mediclip.TextTower(tiny_clip))
     assert text.shape == (32, 2)
     torch.testing.assert_close(text.norm(dim=0), torch.ones(2))
     probs = det([torch.randn(2, 64, 4, 4) for _ in range(3)], text, 64)
@@ -93,5 +93,52 @@ def test_tokens_are_channels_last_so_the_adapters_read_them_without_a_copy(tiny_
         assert t.is_contiguous(memory_format=torch.channels_last)
     det = mediclip.build_mediclip(tiny_clip, 2)
     with torch.no_grad():
-        text = det.text_features(encode.TextTower(tiny_clip))
+        text = det.text_features(mediclip.TextTower(tiny_clip))
         torch.testing.assert_close(det(tokens, text, 64), det([t.contiguous() for t in tokens], text, 64))
+
+
+def test_prompt_text_tower_reproduces_encode_text(tiny_clip):
+    """Contexts initialised from a phrase's token embeddings give open_clip's own encode_text of it."""
+    det = mediclip.build_mediclip(tiny_clip, n_layers=1)
+    x, eot = det.prompts()
+    ours = mediclip.TextTower(tiny_clip)(x, eot)
+    ids, _ = mediclip.tokenize_prompts()
+    with torch.no_grad():
+        ref = tiny_clip.encode_text(ids)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_text_tower_gradients_match_the_fused_attention(tiny_clip):
+    """On the CPU the tower runs attention by the plain maths path (faster backward there): the same features and
+    the same gradients for the prompt contexts as open_clip's own (fused) path."""
+    det = mediclip.build_mediclip(tiny_clip, n_layers=1)
+    x, eot = det.prompts()
+    x = x.detach().requires_grad_()
+    ours = mediclip.TextTower(tiny_clip)(x, eot)
+    (g_ours,) = torch.autograd.grad(ours.square().sum(), x)
+    L = int(eot.max()) + 1                        # open_clip's transformer on the same cut sequence, default kernel
+    h = (x[:, :L] + tiny_clip.positional_embedding[:L]).transpose(0, 1)          # (L, N, W): open_clip 2.x
+    h = tiny_clip.transformer(h, attn_mask=tiny_clip.attn_mask[:L, :L]).transpose(0, 1)
+    ref = tiny_clip.ln_final(h)[torch.arange(len(x)), eot] @ tiny_clip.text_projection
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(g_ours, g_ref, atol=1e-4 * float(g_ref.abs().max()), rtol=0)   # summation order
+
+
+def test_text_tower_packs_the_prompts_exactly(tiny_clip):
+    """CLIP's towers run the prompts packed (no cell after an EOT computed); the padded path, which other towers
+    take, gives the same features and the same gradients for the contexts."""
+    det = mediclip.build_mediclip(tiny_clip, n_layers=1)
+    tower = mediclip.TextTower(tiny_clip)
+    assert tower.packed
+    x, eot = det.prompts()
+    assert len(set(eot.tolist())) > 1             # prompts of several lengths: the packing has cells to skip
+    out = {}
+    for packed in (True, False):
+        tower.packed = packed
+        xg = x.detach().requires_grad_()
+        f = tower(xg, eot)
+        out[packed] = f, torch.autograd.grad(f.square().sum(), xg)[0]
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[True][1], out[False][1], atol=1e-4 * float(out[False][1].abs().max()), rtol=0)
+    assert not mediclip.is_plain_block(torch.nn.Linear(2, 2))
