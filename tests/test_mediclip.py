@@ -29,6 +29,21 @@ def test_map_shapes_and_probabilities(tiny_clip):
     torch.testing.assert_close(top1, mediclip.image_scores(probs))
 
 
+def test_maps_are_the_softmax_of_the_upsampled_logits(tiny_clip):
+    """MediCLIP's map, softmax over the classes of the logits upsampled to the image, computed as the sigmoid of the
+    upsampled difference (half the upsampling): the same values, and the same gradients for the adapters."""
+    det = mediclip.build_mediclip(tiny_clip, n_layers=2).double()
+    text = torch.nn.functional.normalize(torch.randn(32, 2, dtype=torch.float64), dim=0)
+    tokens = [torch.randn(2, 64, 4, 4, dtype=torch.float64) for _ in range(2)]
+    ours = det(tokens, text, 32)
+    logits = torch.stack([a(t) @ text for a, t in zip(det.adapters, tokens)]).mean(0)        # (B, H, W, 2)
+    ref = F.interpolate(logits.permute(0, 3, 1, 2), size=(32, 32), mode="bilinear", align_corners=True).softmax(1)
+    torch.testing.assert_close(ours, ref)
+    w = det.adapters[0].proj.weight
+    g_ours, g_ref = (torch.autograd.grad((p * torch.arange(p.numel()).view_as(p)).sum(), w)[0] for p in (ours, ref))
+    torch.testing.assert_close(g_ours, g_ref)
+
+
 def test_only_learnable_parts_are_saved(tiny_clip):
     keys = mediclip.build_mediclip(tiny_clip, n_layers=2).state_dict().keys()
     assert set(keys) == {"prompts.ctx_normal", "prompts.ctx_abnormal", "adapters.0.ln.weight", "adapters.0.ln.bias",
