@@ -48,6 +48,13 @@ class Adapter(nn.Module):
         x = x.permute(0, 2, 3, 1)            # (B, H, W, D)
         return F.normalize(self.proj(self.ln(x)), dim=-1)  # (B, H, W, E)
 
+    def similarity(self, x, text):
+        """(B, D, H, W), text (E, C) -> (B, H, W, C) = forward(x) @ text, with the L2 division after the product:
+        it then divides C numbers per token, not E (the same maths; F.normalize's backward over the E dimensions
+        was the adapters' costliest part after their matrix products)."""
+        f = self.proj(self.ln(x.permute(0, 2, 3, 1)))                            # (B, H, W, E)
+        return (f @ text) / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)       # (B, H, W, C), as F.normalize
+
 
 class PromptLearner(nn.Module):
     """Learnable contexts for every phrase of both classes; prefix/suffix embeddings are fixed buffers."""
@@ -75,7 +82,8 @@ class TextTower(nn.Module):
     With CLIP's causal mask a token sees only itself and the tokens before it, so tokens after a prompt's
     end-of-text (EOT) cannot change its features: they are never computed (exact). The prompts' tokens run packed,
     one row each, through the linear layers (MediCLIP's 21 prompts: 276 rows where a padded batch has 336); only
-    the attention sees them as a padded (prompts, length) grid.
+    the attention sees them as a padded (prompts, length) grid. Only the EOT rows leave the last block, so it
+    computes the others' keys and values alone (last_block_at_eot).
     """
 
     def __init__(self, clip):
@@ -113,9 +121,10 @@ class TextTower(nn.Module):
         N, L, W = x.shape
         rows = (torch.arange(L, device=x.device) <= eot[:, None]).flatten().nonzero().squeeze(1)  # (T,) SOT..EOT
         h = x.reshape(N * L, W)[rows]                                  # (T, W)
-        for block in self.transformer.resblocks:
+        *blocks, last = self.transformer.resblocks
+        for block in blocks:
             h = packed_block(block, h, rows, N, L)
-        return self.ln_final(h[(eot + 1).cumsum(0) - 1])               # (N, W): each prompt's last row, its EOT
+        return self.ln_final(last_block_at_eot(last, h, rows, eot, N, L))  # (N, W)
 
 
 def is_plain_block(block):
@@ -138,6 +147,23 @@ def packed_block(block, h, rows, N, L):
     return h + block.ls_2(block.mlp(block.ln_2(h)))
 
 
+def last_block_at_eot(block, h, rows, eot, N, L):
+    """The last block of packed_block, where only each prompt's EOT row is read: keys and values of every row, the
+    query, attention output and MLP of the N EOT rows alone (the same maths; about 3/4 of the last block's work)."""
+    a, W = block.attn, h.shape[1]
+    at = (eot + 1).cumsum(0) - 1                                                        # (N,) EOT rows of h
+    y = block.ln_1(h)                                                                   # (T, W)
+    kv = F.linear(y, a.in_proj_weight[W:], a.in_proj_bias[W:])                          # (T, 2W)
+    kv = kv.new_zeros(N * L, 2 * W).index_copy(0, rows, kv)                             # (N L, 2W)
+    k, v = kv.view(N, L, 2, a.num_heads, W // a.num_heads).permute(2, 0, 3, 1, 4)       # each (N, heads, L, d)
+    q = F.linear(y[at], a.in_proj_weight[:W], a.in_proj_bias[:W])                       # (N, W)
+    q = q.view(N, a.num_heads, 1, W // a.num_heads)                                     # (N, heads, 1, d)
+    seen = (torch.arange(L, device=h.device) <= eot[:, None]).view(N, 1, 1, L)          # the causal mask's EOT row
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=seen).reshape(N, W)           # (N, W)
+    x = h[at] + block.ls_1(a.out_proj(o))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))                                     # (N, W)
+
+
 class MediCLIP(nn.Module):
     """Adapters (one per CLIP layer) + prompts -> two-class anomaly map."""
 
@@ -156,7 +182,7 @@ class MediCLIP(nn.Module):
 
     def forward(self, tokens, text, image_size):
         """tokens: list over layers of (B, D, H, W); text (E, 2) -> probabilities (B, 2, S, S)."""
-        logits = torch.stack([self.adapters[i](t) @ text for i, t in enumerate(tokens)]).mean(0)  # (B, H, W, 2)
+        logits = torch.stack([self.adapters[i].similarity(t, text) for i, t in enumerate(tokens)]).mean(0)  # (B, H, W, 2)
         # a two-class softmax is the sigmoid of the logits' difference, and bilinear upsampling is linear: upsample
         # the difference alone (half the work of upsampling both logits, the same maths)
         d = (logits[..., 1] - logits[..., 0]).unsqueeze(1)                 # (B, 1, H, W)

@@ -264,7 +264,7 @@ def main(args):
     log = open(os.path.join(out, "log.csv"), "w", newline="")
     writer = first = None
     B, S = args.batch_size, image_size
-    zero = torch.zeros((), device=device)
+    zero, no_anomaly = torch.zeros((), device=device), torch.zeros(B, 1, S, S, device=device)
     det_steps, step = 0, 0  # steps in which the detection loss was computed (after eta_theta's warm-up)
     det_step_s = []         # and the seconds of each (timings.json: their median, free of the first steps' set-up)
     try:
@@ -279,7 +279,7 @@ def main(args):
                 z0, tok, fg_b = z_n[idx], [t[idx] for t in real], fg[idx]
                 h, w = z0.shape[-2:]
                 warm = uses_eta and step <= args.eta_warmup
-                anomalies, labels, normals = [], [], [tok]   # token lists (one tensor per layer) and their masks
+                parts, masks = [], []   # what the detector reads: token lists (one tensor per layer), their masks
                 loss_deco = loss_align = cos = zero
 
                 if uses_eta:  # 1. DeCo-Diff masked forward process: eta_theta learns to predict the deviation
@@ -299,24 +299,23 @@ def main(args):
                     # 3. project into CLIP token space; keep P aligned with the real tokens of the same views
                     projected = proj(z0 if warm else torch.cat([z_anom, z0]))       # list of ((1 or 2) B, D, H, W)
                     loss_align, cos = project.alignment_loss([p[-B:] for p in projected], tok)
-                    normals.append([p[-B:] for p in projected])
-                    if not warm:
-                        anomalies.append([p[:B] for p in projected])
-                        labels.append(draws["label"])                                    # (B, 1, S, S)
+                    if not warm or uses_bank:  # the anomalies (none in the warm-up) and the projected normals,
+                        parts.append(projected)  # whole: slicing them apart costs a copy each in the backward
+                        masks += [no_anomaly] if warm else [draws["label"], no_anomaly]   # (B, 1, S, S) each
 
                 if uses_bank:  # pixel-space anomalies, encoded by the frozen CLIP once before the loop
                     j = torch.randint(len(bank_masks), (B,), generator=gen)
-                    anomalies.append([b[j] for b in bank])
-                    labels.append(bank_masks[j])
+                    parts.append([b[j] for b in bank])
+                    masks.append(bank_masks[j])
 
-                # 4. detect: synthetic anomalies, then normals (projected and real CLIP tokens) with all-zero masks
+                # 4. detect: latent anomalies, projected normals, the bank's anomalies, then the real CLIP tokens
                 loss_focal = loss_dice = zero
-                if anomalies:
-                    parts = anomalies + normals
+                if parts:
+                    parts.append(tok)
                     tokens = [torch.cat([p[i] for p in parts]) for i in range(len(layers))]  # each (nB, D, H, W)
-                    masks = torch.cat(labels + [torch.zeros(B * len(normals), 1, S, S, device=device)])
+                    mask = torch.cat(masks + [no_anomaly])                                  # (nB, 1, S, S)
                     maps = det(tokens, det.text_features(text_tower), S)             # (nB, 2, S, S)
-                    loss_focal, loss_dice = mediclip.focal_loss(maps, masks), mediclip.dice_loss(maps, masks)
+                    loss_focal, loss_dice = mediclip.focal_loss(maps, mask), mediclip.dice_loss(maps, mask)
                     det_steps += 1
 
                 loss = args.w1 * (loss_focal + loss_dice) + args.w2 * loss_deco + args.w3 * loss_align
@@ -326,7 +325,7 @@ def main(args):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            det_step_s += [time.time() - t_step] if anomalies else []
+            det_step_s += [time.time() - t_step] if parts else []
 
             if step % args.log_every == 0 or step in (1, args.steps):
                 with torch.no_grad():

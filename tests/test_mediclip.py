@@ -31,7 +31,8 @@ def test_map_shapes_and_probabilities(tiny_clip):
 
 def test_maps_are_the_softmax_of_the_upsampled_logits(tiny_clip):
     """MediCLIP's map, softmax over the classes of the logits upsampled to the image, computed as the sigmoid of the
-    upsampled difference (half the upsampling): the same values, and the same gradients for the adapters."""
+    upsampled difference (half the upsampling) of logits divided by the features' norms after the product with the
+    text (Adapter.similarity): the same values, and the same gradients for the adapters."""
     det = mediclip.build_mediclip(tiny_clip, n_layers=2).double()
     text = torch.nn.functional.normalize(torch.randn(32, 2, dtype=torch.float64), dim=0)
     tokens = [torch.randn(2, 64, 4, 4, dtype=torch.float64) for _ in range(2)]
@@ -80,6 +81,16 @@ def test_alignment_improves_under_training():
         opt.step()
     assert [t.shape for t in P(z)] == [(8, 24, 4, 4)] * 2
     assert cos > cos0 + 0.3 and cos > 0.8
+
+
+def test_token_cosine_is_cosine_similarity():
+    """project.cosine_tokens divides the norms, not the inputs: F.cosine_similarity's values and gradients."""
+    p = torch.randn(3, 24, 4, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    t = torch.randn(3, 24, 4, 4, dtype=torch.float64)
+    ours, ref = project.cosine_tokens(p, t), F.cosine_similarity(p, t, dim=1)
+    torch.testing.assert_close(ours, ref)
+    w = torch.arange(ref.numel(), dtype=torch.float64).view_as(ref)
+    torch.testing.assert_close(*(torch.autograd.grad((c * w).sum(), p)[0] for c in (ours, ref)))
 
 
 @pytest.mark.parametrize("hw", [(16, 4), (56, 14), (56, 16), (15, 4), (7, 7)])
@@ -141,8 +152,8 @@ def test_text_tower_gradients_match_the_fused_attention(tiny_clip):
 
 
 def test_text_tower_packs_the_prompts_exactly(tiny_clip):
-    """CLIP's towers run the prompts packed (no cell after an EOT computed); the padded path, which other towers
-    take, gives the same features and the same gradients for the contexts."""
+    """CLIP's towers run the prompts packed (no cell after an EOT computed, and the last block only at each EOT); the
+    padded path, which other towers take, gives the same features and the same gradients for the contexts."""
     det = mediclip.build_mediclip(tiny_clip, n_layers=1)
     tower = mediclip.TextTower(tiny_clip)
     assert tower.packed
