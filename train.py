@@ -232,7 +232,8 @@ def main(args):
     if uses_bank:  # pixel-space baselines: a bank of synthesised views, encoded once like the normals
         print(f"synthesising and encoding a bank of {args.bank} {args.synth} anomalies ...", flush=True)
         bank, bank_masks = encode_bank(views[train_idx], clip, tokens_model, device, autocast, args)
-    text_tower = mediclip.TextTower(clip)
+    text_tower = mediclip.TextTower(clip)   # and for bf16 steps a copy with its linear weights cast once, not per step
+    step_tower = mediclip.TextTower(clip, torch.bfloat16) if step_bf16 else text_tower
     del tokens_model  # the loop never runs the frozen image encoders
     encode_s = time.time() - t0
     z_n, z_mean, z_std = deviation.standardise(z)      # per channel, with statistics of the views
@@ -314,7 +315,7 @@ def main(args):
                     parts.append(tok)
                     tokens = [torch.cat([p[i] for p in parts]) for i in range(len(layers))]  # each (nB, D, H, W)
                     mask = torch.cat(masks + [no_anomaly])                                  # (nB, 1, S, S)
-                    maps = det(tokens, det.text_features(text_tower), S)             # (nB, 2, S, S)
+                    maps = det(tokens, det.text_features(step_tower), S)             # (nB, 2, S, S)
                     loss_focal, loss_dice = mediclip.focal_loss(maps, mask), mediclip.dice_loss(maps, mask)
                     det_steps += 1
 

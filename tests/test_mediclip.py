@@ -83,6 +83,23 @@ def test_alignment_improves_under_training():
     assert cos > cos0 + 0.3 and cos > 0.8
 
 
+def test_text_tower_with_bf16_linears_computes_the_same_bits_under_autocast(tiny_clip):
+    """train.py's bf16 steps run a copy of the tower whose linear weights are cast once: under bf16 autocast the
+    same features and context gradients, bit for bit, as the tower whose weights autocast casts at every use; the
+    CLIP model's own weights stay fp32."""
+    det = mediclip.build_mediclip(tiny_clip, n_layers=1)
+    out = []
+    for tower in (mediclip.TextTower(tiny_clip), mediclip.TextTower(tiny_clip, torch.bfloat16)):
+        x, eot = det.prompts()
+        x = x.detach().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            f = tower(x, eot)
+        out.append((f, torch.autograd.grad(f.float().square().sum(), x)[0]))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    assert tower.transformer.resblocks[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in tiny_clip.transformer.parameters())
+
+
 def test_token_cosine_is_cosine_similarity():
     """project.cosine_tokens divides the norms, not the inputs: F.cosine_similarity's values and gradients."""
     p = torch.randn(3, 24, 4, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
