@@ -84,12 +84,14 @@ def timed(f, repeat=1):
     return best
 
 
-def mediclip_style_run(name, layers, views, steps, B, autocast, step_autocast, device, seed=0):
-    """The peer's loop with our modules: every step synthesises pixel anomalies and runs the frozen CLIP."""
+def mediclip_style_run(name, layers, views, steps, B, autocast, step_autocast, device, step_bf16=False, seed=0):
+    """The peer's loop with our modules: every step synthesises pixel anomalies and runs the frozen CLIP (and, as
+    train.py, bf16 steps read a text tower whose frozen linear weights are cast once)."""
     t0 = time.perf_counter()
     clip = encode.load_clip(name, random_init=True).to(device)
     S = clip.visual.image_size[0] if not isinstance(clip.visual.image_size, int) else clip.visual.image_size
-    tokens_model, tower = encode.CLIPTokens(clip, layers), mediclip.TextTower(clip)
+    tokens_model = encode.CLIPTokens(clip, layers)
+    tower = mediclip.TextTower(clip, torch.bfloat16 if step_bf16 else None)
     det = mediclip.build_mediclip(clip, len(layers)).to(device)
     opt = torch.optim.Adam(det.parameters(), lr=1e-3, betas=(0.5, 0.999))
     gen = torch.Generator().manual_seed(seed)
@@ -166,7 +168,7 @@ def bench_backbone(name, args, tmp):
     shots = data.sample_shots(data.load_split("synthetic", "", "train"), 1, 0)
     views = augment.load_views(augment.view_records(shots, args.views, 0), S, args.views, 0)
     row["mediclip_style_run_s"] = mediclip_style_run(name, layers, views, args.steps, args.batch_size, ac, step_ac,
-                                                     device)
+                                                     device, step_bf16)
     row["speedup_vs_mediclip_style"] = row["mediclip_style_run_s"] / row["train_run_s"]
 
     # 4. evaluation against the bare backbone; rounds interleaved so that a busy spell on a shared machine hits
