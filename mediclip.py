@@ -162,12 +162,14 @@ def last_block_at_eot(block, h, rows, eot, N, L):
     """The last block of packed_block, where only each prompt's EOT row is read: keys and values of every row, the
     query, attention output and MLP of the N EOT rows alone (the same maths; about 3/4 of the last block's work)."""
     a, W = block.attn, h.shape[1]
+    wq, wkv = a.in_proj_weight.split([W, 2 * W])
+    bq, bkv = a.in_proj_bias.split([W, 2 * W]) if a.in_proj_bias is not None else (None, None)
     at = (eot + 1).cumsum(0) - 1                                                        # (N,) EOT rows of h
     y = block.ln_1(h)                                                                   # (T, W)
-    kv = F.linear(y, a.in_proj_weight[W:], a.in_proj_bias[W:])                          # (T, 2W)
+    kv = F.linear(y, wkv, bkv)                                                          # (T, 2W)
     kv = kv.new_zeros(N * L, 2 * W).index_copy(0, rows, kv)                             # (N L, 2W)
     k, v = kv.view(N, L, 2, a.num_heads, W // a.num_heads).permute(2, 0, 3, 1, 4)       # each (N, heads, L, d)
-    q = F.linear(y[at], a.in_proj_weight[:W], a.in_proj_bias[:W])                       # (N, W)
+    q = F.linear(y[at], wq, bq)                                                         # (N, W)
     q = q.view(N, a.num_heads, 1, W // a.num_heads)                                     # (N, heads, 1, d)
     seen = (torch.arange(L, device=h.device) <= eot[:, None]).view(N, 1, 1, L)          # the causal mask's EOT row
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=seen).reshape(N, W)           # (N, W)
@@ -193,7 +195,7 @@ class MediCLIP(nn.Module):
 
     def forward(self, tokens, text, image_size):
         """tokens: list over layers of (B, D, H, W); text (E, 2) -> probabilities (B, 2, S, S)."""
-        logits = torch.stack([self.adapters[i].similarity(t, text) for i, t in enumerate(tokens)]).mean(0)  # (B, H, W, 2)
+        logits = torch.stack([a.similarity(t, text) for a, t in zip(self.adapters, tokens)]).mean(0)  # (B, H, W, 2)
         # a two-class softmax is the sigmoid of the logits' difference, and bilinear upsampling is linear: upsample
         # the difference alone (half the work of upsampling both logits, the same maths)
         d = (logits[..., 1] - logits[..., 0]).unsqueeze(1)                 # (B, 1, H, W)

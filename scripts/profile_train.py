@@ -97,8 +97,8 @@ def capture(store):
         store["eta"], store["proj"], store["det"] = build(*a, **k)
         return store["eta"], store["proj"], store["det"]
 
-    def keep_text(self, clip):
-        init(self, clip)
+    def keep_text(self, clip, *a, **k):   # the last one made: the tower the steps read
+        init(self, clip, *a, **k)
         store["text"] = self
     train.build_trainables, mediclip.TextTower.__init__ = keep_trainables, keep_text
 
@@ -111,7 +111,9 @@ def time_split(store, config, B, repeat=5):
     z = torch.randn(B, c, hw, hw)
     t = torch.randint(deviation.T, (B,))
     frozen = [torch.randn(B, D, H, H) for _ in config["layers"]]
-    text = det.text_features(text_tower).detach()
+    autocast = runfiles.bf16_autocast(torch.device("cpu"), config["bf16"])
+    with autocast():  # the steps' tower: for bf16 steps its linear weights are bf16 (mediclip.TextTower)
+        text = det.text_features(text_tower).detach()
 
     def adapters(grad):  # anomalies + projected normals (need input grads) + real tokens (do not)
         tokens = [torch.cat([torch.randn(2 * B, D, H, H, requires_grad=grad), f]) for f in frozen]
@@ -120,7 +122,6 @@ def time_split(store, config, B, repeat=5):
              "projection P_theta (2B)": lambda grad: sum(p.mean() for p in proj(torch.cat([z, z]))),
              "text tower + prompts": lambda grad: det.text_features(text_tower).sum(),
              "adapters + maps (3B)": adapters}
-    autocast = runfiles.bf16_autocast(torch.device("cpu"), config["bf16"])
     print(f"\n| part, alone (batch {B}, {'bf16' if config['bf16'] else 'fp32'}) | forward s | forward + backward s |"
           f"\n|---|---|---|")
     for name, f in parts.items():

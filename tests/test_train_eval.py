@@ -190,3 +190,18 @@ def test_the_warm_up_skips_the_synthesis_it_does_not_use(tmp_path, monkeypatch):
         train.main(train.parse_args(TINY + ["--eta-warmup", warmup, "--out", str(tmp_path / warmup)]))
         counts.append(len(calls))
     assert counts[0] - counts[1] == 4
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_profile_script_follows_train(tmp_path, precision):
+    """scripts/profile_train.py wraps train.py's parts (the text tower's constructor among them) in its own process:
+    a change of their signatures must not break it."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = ["scripts/profile_train.py", "--split", "--", *TINY, "--precision", precision, "--out", str(tmp_path)]
+    script = (f"import runpy, sys; sys.path.insert(0, 'tests'); import conftest; conftest.register_tiny_clip("
+              f"{str(tmp_path)!r}); sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| **wall** |" in r.stdout and "| text tower + prompts |" in r.stdout
