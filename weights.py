@@ -290,9 +290,10 @@ def openai_marker(path, sd):
     return None
 
 
-def load_exact(model, sd, src, optional=()):
+def load_exact(model, sd, src, optional=(), assign=False):
     """Load exactly the model's keys from sd: name what was ignored, fail on anything missing (keys starting with
-    one of `optional` may be absent) or of another shape. Returns the ignored keys."""
+    one of `optional` may be absent) or of another shape. assign=True makes sd's tensors (cast to the model's
+    dtypes) the model's own, for a model built on the meta device. Returns the ignored keys."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd and not k.startswith(tuple(optional))]
     ignored = [k for k in sd if k not in own]
@@ -301,7 +302,8 @@ def load_exact(model, sd, src, optional=()):
         raise WeightsUnavailable(f"{src}: does not fit this architecture ({len(missing)} missing keys e.g. "
                                  f"{missing[:2]}, {len(wrong)} of another shape e.g. {wrong[:2]}, "
                                  f"{len(ignored)} unexpected e.g. {ignored[:2]})")
-    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    model.load_state_dict({k: v.to(own[k].dtype) if assign else v for k, v in sd.items() if k in own},
+                          strict=False, assign=assign)
     return ignored
 
 

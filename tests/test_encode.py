@@ -117,6 +117,28 @@ def test_clip_weights_files_in_every_format(tmp_path, tiny_clip, monkeypatch, ca
     assert "does not say whether it is OpenAI's CLIP (QuickGELU)" in out      # the plain state dicts
 
 
+def test_weights_from_a_file_fill_a_model_built_empty(tmp_path, tiny_clip, monkeypatch):
+    """clip_from_file builds on the meta device and assigns the file's tensors (no random init, no second copy):
+    the same weights, causal mask (the one tensor no file holds) and outputs as building for real and loading;
+    an fp16 file gives fp32 weights; a buffer it cannot rebuild sends it the slow way."""
+    torch.save(tiny_clip.state_dict(), tmp_path / "w.bin")
+    torch.save({k: v.half() for k, v in tiny_clip.state_dict().items()}, tmp_path / "half.bin")
+    x, text = torch.rand(2, 3, 64, 64), torch.randint(0, 49408, (3, 77))
+    loaded = encode.clip_from_file(TINY_CLIP, str(tmp_path / "w.bin"), quickgelu=True)
+    assert not any(t.is_meta for t in (*loaded.parameters(), *loaded.buffers()))
+    assert torch.equal(loaded.attn_mask, tiny_clip.attn_mask)
+    assert_same_weights(tiny_clip, loaded)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(x), tiny_clip.encode_image(x))
+        assert torch.equal(loaded.encode_text(text), tiny_clip.encode_text(text))
+    half = encode.clip_from_file(TINY_CLIP, str(tmp_path / "half.bin"), quickgelu=True)
+    assert all(p.dtype == torch.float32 for p in half.parameters())
+    monkeypatch.setattr(encode, "restore_causal_masks", lambda model: False)   # as if open_clip made another buffer
+    slow = encode.clip_from_file(TINY_CLIP, str(tmp_path / "w.bin"), quickgelu=True)
+    assert not any(t.is_meta for t in (*slow.parameters(), *slow.buffers()))
+    assert_same_weights(tiny_clip, slow)
+
+
 def test_a_hub_snapshot_says_it_is_openai(tmp_path, tiny_clip, capsys):
     snap = tmp_path / "models--timm--x" / "snapshots" / "abc"
     snap.mkdir(parents=True)
