@@ -4,8 +4,9 @@ scores mean (that is calibration.py).
 
 - image AUROC / AP (scikit-learn); pixel AUROC / AP, exact and fast on float16 maps (counted, then weighted);
 - AUPRO up to 30% FPR (Bergmann et al. 2021, MVTec AD), exact in O(N log N);
-- percentile bootstrap 95% CIs of image and pixel AUROC, resampling images within each label: pixel AUROC of a
-  resample is a sum of per-image score histograms (1000 resamples of busi's 748 images: about 11 s);
+- percentile bootstrap 95% CIs of image and pixel AUROC, resampling images within each label: a resample's AUROC
+  is the Mann-Whitney statistic of its score histograms, for the pixels a sum of per-image ones (1000 resamples
+  of busi's 748 images: about 11 s);
 - mean +- std over checkpoints (support-set seeds); the image-level ROC figure.
 
     import metrics
@@ -99,6 +100,18 @@ def bootstrap_pixel_auroc(hist, resamples, chunk=50):
     return np.concatenate(out)
 
 
+def bootstrap_image_auroc(scores, labels, resamples, chunk=50):
+    """Image AUROC of each resample, (R,): the Mann-Whitney statistic of its score histograms, as the pixels' (the
+    numbers of sklearn's roc_auc_score on every resample; 1000 resamples of 220 images: 0.01 s against 1.2 s)."""
+    rank = np.unique(scores, return_inverse=True)[1].ravel()         # each image's rank among the distinct scores
+    out = []
+    for r in range(0, len(resamples), chunk):
+        hist = np.array([[np.bincount(rank[i][labels[i] == v], minlength=rank.max() + 1) for v in (0, 1)]
+                         for i in resamples[r:r + chunk]], np.float64)                 # (chunk, 2, U)
+        out.append(histogram_auroc(hist[:, 0], hist[:, 1]))
+    return np.concatenate(out)
+
+
 # anomalib's names for the same numbers (its metrics.json and logger keys); this is the one place that decides them
 ANOMALIB_NAMES = {("image", "auroc"): "image_AUROC", ("image", "ap"): "image_AUPR", ("pixel", "auroc"): "pixel_AUROC",
                   ("pixel", "ap"): "pixel_AUPR", ("pixel", "aupro"): "pixel_AUPRO"}
@@ -132,7 +145,7 @@ def compute_metrics(records, maps, scores, masks, n_boot=0, seed=0):
         image, pixel = image_metrics(s, y), pixel_metrics(maps[keep], masks[keep]) if has_masks else None
         if n_boot:
             idx = stratified_resamples(y, n_boot, np.random.default_rng(seed))
-            image["auroc_ci95"] = ci95([roc_auc_score(y[i], s[i]) for i in idx])
+            image["auroc_ci95"] = ci95(bootstrap_image_auroc(s, y, idx))
             if pixel:
                 pixel["auroc_ci95"] = ci95(bootstrap_pixel_auroc(hist[keep], idx))
         return image, pixel

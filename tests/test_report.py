@@ -37,6 +37,16 @@ def test_bootstrap_ci_narrows_with_more_images_and_holds_the_estimate():
     assert widths[1] < widths[0] / 3        # ~ 1 / sqrt(n): 5x narrower expected
 
 
+def test_image_bootstrap_is_sklearn_on_every_resample():
+    rng = np.random.default_rng(3)
+    for n in (7, 220):
+        y, s = scored(n, rng)
+        s = np.round(s, 1)                                       # ties, within and across the classes
+        idx = metrics.stratified_resamples(y, 200, np.random.default_rng(0))
+        ours = metrics.bootstrap_image_auroc(s, y, idx)
+        assert ours == pytest.approx([roc_auc_score(y[i], s[i]) for i in idx], abs=1e-12)
+
+
 def test_pixel_bootstrap_matches_sklearn_and_narrows():
     rng = np.random.default_rng(1)
     widths = []
