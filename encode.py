@@ -65,6 +65,13 @@ def freeze(model):
     return model
 
 
+def freeze_vae(model):
+    """freeze, with channels-last weights: oneDNN then runs the VAEs' convolutions in that layout (2 CPU cores,
+    224 px: medvae_4_1_2d encode bf16 0.47 -> 0.20 s per image, fp32 ~5 % faster; TAEF2 encode + decode bf16 2.7x,
+    fp32 1.35x), the latents the same to rounding."""
+    return freeze(model).to(memory_format=torch.channels_last)
+
+
 @contextlib.contextmanager
 def fixed_seed(seed=RANDOM_INIT_SEED):
     with torch.random.fork_rng(devices=[]):
@@ -257,7 +264,7 @@ def load_medvae(name="medvae_4_1_2d", weights=None, random_init=False):
         ckpt, (ddconfig, embed_dim) = weights, (medvae_ddconfig(name), MEDVAE_MODELS[name]["z_channels"])
     elif random_init:
         with fixed_seed():
-            return freeze(build_medvae(name, medvae_ddconfig(name), MEDVAE_MODELS[name]["z_channels"]))
+            return freeze_vae(build_medvae(name, medvae_ddconfig(name), MEDVAE_MODELS[name]["z_channels"]))
     else:
         config, ckpt = W.vae_files(name)                  # the package's yaml and checkpoint, from the hub
         ddconfig, embed_dim = read_medvae_config(config)
@@ -270,7 +277,7 @@ def load_medvae(name="medvae_4_1_2d", weights=None, random_init=False):
             [f"skipped pickled objects {', '.join(info['skipped_objects'])}"] * bool(info["skipped_objects"])
     if notes:
         print(f"MedVAE {name} from {ckpt}: " + "; ".join(notes))
-    return freeze(model)
+    return freeze_vae(model)
 
 
 def medvae_normalise(x, in_channels):
@@ -286,11 +293,11 @@ def load_taef2(weights=None, random_init=False):
     """A frozen TAEF2: from a folder of its two files (wins over --random-init), random, or downloaded."""
     if random_init and not weights:
         with fixed_seed():
-            return freeze(TAEF2())
+            return freeze_vae(TAEF2())
     model = TAEF2()
     for part, path in zip((model.encoder, model.decoder), W.taef2_files(weights)):
         W.load_exact(part, W.read_state_dict(path, "--vae-weights")[0], path)
-    return freeze(model)
+    return freeze_vae(model)
 
 
 # -----------------------------------------------------------------------------
@@ -306,17 +313,18 @@ def load_vae(name, weights=None, random_init=False):
 
 
 def vae_encode(vae, x):
-    """(B, 3, S, S) in [0, 1] -> the latent: TAEF2's, or MedVAE's stage-1 posterior mode after its normalisation."""
+    """(B, 3, S, S) in [0, 1] -> the latent: TAEF2's, or MedVAE's stage-1 posterior mode after its normalisation.
+    The activations follow the weights' layout (channels-last, freeze_vae); the latent comes back contiguous."""
     if isinstance(vae, TAEF2):
-        return vae.encode(x)
-    return vae.encode(medvae_normalise(x, vae.encoder.conv_in.in_channels)).mode()
+        return vae.encode(x).contiguous()
+    return vae.encode(medvae_normalise(x, vae.encoder.conv_in.in_channels)).mode().contiguous()
 
 
 def vae_decode(vae, z):
     """latent -> (B, 3, S, S) in [0, 1], to look at (MedVAE's image is its min-max normalised input's)."""
     if isinstance(vae, TAEF2):
-        return vae.decode(z)
-    x = (vae.decode(z) * 0.5 + 0.5).clamp(0, 1)
+        return vae.decode(z).contiguous()
+    x = (vae.decode(z).contiguous() * 0.5 + 0.5).clamp(0, 1)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
@@ -327,7 +335,8 @@ def encode_latents(vae, images, batch_size=None, autocast=contextlib.nullcontext
     One image at a time on the CPU: the VAE's full-resolution activations (128 channels at 224 px) then stay in
     the caches; medvae_4_1_2d on 2 cores, 16 images in a fresh process, fp32: 0.95-0.97 s / image at batch 1
     against 1.08-1.17 s at 4 (and worse, 1.4-1.7 s, once the process has run larger batches), bf16 0.43 against
-    0.58 s; the latents are the same to 1e-7. A GPU wants batches."""
+    0.58 s; the latents are the same to 1e-7. With channels-last weights (freeze_vae): fp32 0.86 against 0.94 s,
+    bf16 0.20 against 0.25 s. A GPU wants batches."""
     batch_size = batch_size or (1 if images.device.type == "cpu" else 16)
     outs = []
     for i in range(0, len(images), batch_size):

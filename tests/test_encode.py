@@ -213,8 +213,10 @@ def test_medvae_latents_match_the_package(tmp_path, monkeypatch):
     with torch.no_grad():
         ref = ref_model.encode(encode.medvae_normalise(x, 1)).mode()
     z = encode.encode_latents(ours, x)
-    assert z.shape == (2, 1, 16, 16)
-    torch.testing.assert_close(z, ref)
+    assert z.shape == (2, 1, 16, 16) and z.is_contiguous()
+    conv = next(m for m in ours.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()  # freeze_vae
+    torch.testing.assert_close(z, ref)                                                    # the package's NCHW model
     # and our hub path builds through the package too
     monkeypatch.setattr(weights, "hub_file", lambda repo, f, flag: files["config"] if f.endswith(".yaml") else ckpt)
     torch.testing.assert_close(encode.encode_latents(encode.load_medvae("medvae_4_1_2d"), x), ref)
