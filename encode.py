@@ -67,8 +67,8 @@ def freeze(model):
 
 def freeze_vae(model):
     """freeze, with channels-last weights: oneDNN then runs the VAEs' convolutions in that layout (2 CPU cores,
-    224 px: medvae_4_1_2d encode bf16 0.47 -> 0.20 s per image, fp32 ~5 % faster; TAEF2 encode + decode bf16 2.7x,
-    fp32 1.35x), the latents the same to rounding."""
+    224 px: medvae_4_1_2d encode bf16 0.43 -> 0.20 s per image, fp32 ~4 % faster; TAEF2 encode + decode bf16 2.7x,
+    fp32 1.3x), the latents the same to rounding."""
     return freeze(model).to(memory_format=torch.channels_last)
 
 

@@ -104,9 +104,9 @@ def bootstrap_image_auroc(scores, labels, resamples, chunk=50):
     """Image AUROC of each resample, (R,): the Mann-Whitney statistic of its score histograms, as the pixels' (the
     numbers of sklearn's roc_auc_score on every resample; 1000 resamples of 220 images: 0.01 s against 1.2 s)."""
     rank = np.unique(scores, return_inverse=True)[1].ravel()         # each image's rank among the distinct scores
-    out = []
+    U, out = rank.max() + 1, []
     for r in range(0, len(resamples), chunk):
-        hist = np.array([[np.bincount(rank[i][labels[i] == v], minlength=rank.max() + 1) for v in (0, 1)]
+        hist = np.array([[np.bincount(rank[i][labels[i] == v], minlength=U) for v in (0, 1)]
                          for i in resamples[r:r + chunk]], np.float64)                 # (chunk, 2, U)
         out.append(histogram_auroc(hist[:, 0], hist[:, 1]))
     return np.concatenate(out)

@@ -23,10 +23,14 @@ TINY_CLIP_CFG = {
 
 
 def register_tiny_clip(folder):
+    """Its config written whole (a temporary file, then os.replace): worker processes started together register
+    it in the same folder, and none may read another's half-written file (test_shards failed so, once)."""
+    import tempfile
     import open_clip
     path = os.path.join(folder, f"{TINY_CLIP}.json")
-    with open(path, "w") as f:
+    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
         json.dump(TINY_CLIP_CFG, f)
+    os.replace(f.name, path)
     open_clip.add_model_config(path)
 
 
