@@ -84,13 +84,14 @@ def timed(f, repeat=1):
     return best
 
 
-def mediclip_style_run(name, layers, views, steps, B, autocast, step_autocast, device, step_bf16=False, seed=0):
+def mediclip_style_run(name, layers, views, steps, B, autocast, step_autocast, device, frozen_bf16=False,
+                       step_bf16=False, seed=0):
     """The peer's loop with our modules: every step synthesises pixel anomalies and runs the frozen CLIP (and, as
-    train.py, bf16 steps read a text tower whose frozen linear weights are cast once)."""
+    train.py, bf16 forwards read copies of the frozen towers whose linear weights are cast once)."""
     t0 = time.perf_counter()
     clip = encode.load_clip(name, random_init=True).to(device)
     S = clip.visual.image_size[0] if not isinstance(clip.visual.image_size, int) else clip.visual.image_size
-    tokens_model = encode.CLIPTokens(clip, layers)
+    tokens_model = encode.CLIPTokens(clip, layers, torch.bfloat16 if frozen_bf16 else None)
     tower = mediclip.TextTower(clip, torch.bfloat16 if step_bf16 else None)
     det = mediclip.build_mediclip(clip, len(layers)).to(device)
     opt = torch.optim.Adam(det.parameters(), lr=1e-3, betas=(0.5, 0.999))
@@ -132,10 +133,10 @@ def bench_backbone(name, args, tmp):
     clip = encode.load_clip(name, random_init=True).to(device)
     S = clip.visual.image_size[0] if not isinstance(clip.visual.image_size, int) else clip.visual.image_size
     layers = train.resolve_layers(None, len(clip.visual.transformer.resblocks))
-    tokens_model = encode.CLIPTokens(clip, layers)
+    frozen_bf16, step_bf16 = runfiles.pick_precision(args.precision, device)   # as train.py runs its forwards
+    tokens_model = encode.CLIPTokens(clip, layers, torch.bfloat16 if frozen_bf16 else None)
     records = data.load_split("synthetic", "", "test")[:args.images]
     images = data.load_images(records, S)[0].to(device)
-    frozen_bf16, step_bf16 = runfiles.pick_precision(args.precision, device)   # as train.py runs its forwards
     ac, step_ac = runfiles.bf16_autocast(device, frozen_bf16), runfiles.bf16_autocast(device, step_bf16)
     row["frozen_bf16"], row["step_bf16"] = float(frozen_bf16), float(step_bf16)
 
@@ -168,7 +169,7 @@ def bench_backbone(name, args, tmp):
     shots = data.sample_shots(data.load_split("synthetic", "", "train"), 1, 0)
     views = augment.load_views(augment.view_records(shots, args.views, 0), S, args.views, 0)
     row["mediclip_style_run_s"] = mediclip_style_run(name, layers, views, args.steps, args.batch_size, ac, step_ac,
-                                                     device, step_bf16)
+                                                     device, frozen_bf16, step_bf16)
     row["speedup_vs_mediclip_style"] = row["mediclip_style_run_s"] / row["train_run_s"]
 
     # 4. evaluation against the bare backbone; rounds interleaved so that a busy spell on a shared machine hits

@@ -25,6 +25,7 @@ torch.inference_mode (callers that feed the outputs to trainable modules clone t
 """
 import argparse
 import contextlib
+import copy
 import io
 import os
 import sys
@@ -66,9 +67,8 @@ def freeze(model):
 
 
 def freeze_vae(model):
-    """freeze, with channels-last weights: oneDNN then runs the VAEs' convolutions in that layout (2 CPU cores,
-    224 px: medvae_4_1_2d encode bf16 0.43 -> 0.20 s per image, fp32 ~4 % faster; TAEF2 encode + decode bf16 2.7x,
-    fp32 1.3x), the latents the same to rounding."""
+    """freeze, with channels-last weights: oneDNN's convolutions run faster so (2 CPU cores, 224 px: medvae_4_1_2d
+    encode bf16 0.43 -> 0.20 s / image, fp32 4 %; TAEF2 bf16 2.7x, fp32 1.3x), the latents the same to rounding."""
     return freeze(model).to(memory_format=torch.channels_last)
 
 
@@ -173,16 +173,45 @@ def clip_normalise(x, clip):
     return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
-class CLIPTokens(nn.Module):
-    """Patch tokens of the residual blocks `layers` (counted from 1) of a CLIP ViT, as (B, D, H, W)."""
+def cast_linears(module, dtype):
+    """The attention and MLP weights of a frozen copy to dtype, once; its LayerNorms stay as they are."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.MultiheadAttention)):
+            m.to(dtype)
+    return module
 
-    def __init__(self, clip, layers=(12, 18, 24)):
+
+def fold_quickgelu(block):
+    """In place, on a copy: QuickGELU h sigmoid(1.702 h) = silu(1.702 h) / 1.702, so c_fc is scaled by 1.702 and
+    c_proj's weight by 1 / 1.702: one fused silu instead of three element-wise passes (other activations: left)."""
+    from open_clip.transformer import QuickGELU
+    mlp = getattr(block, "mlp", None)
+    if isinstance(getattr(mlp, "gelu", None), QuickGELU):
+        with torch.no_grad():
+            mlp.c_fc.weight.mul_(1.702)
+            mlp.c_fc.bias.mul_(1.702)
+            mlp.c_proj.weight.div_(1.702)
+        mlp.gelu = nn.SiLU()
+    return block
+
+
+class CLIPTokens(nn.Module):
+    """Patch tokens of the residual blocks `layers` (counted from 1) of a CLIP ViT, as (B, D, H, W).
+
+    linear_dtype (bf16, only for forwards under bf16 autocast): the blocks run from a copy with linear weights
+    cast once (autocast recasts frozen ones every call) and QuickGELU folded; the CLIP stays as loaded (+0.6 GiB)."""
+
+    def __init__(self, clip, layers=(12, 18, 24), linear_dtype=None):
         super().__init__()
         self.visual = clip.visual
         n = len(self.visual.transformer.resblocks)
         if not layers or min(layers) < 1 or max(layers) > n:
             raise ValueError(f"--layers {list(layers)} out of range: this CLIP has blocks 1..{n}")
         self.layers = tuple(layers)
+        self.blocks = self.visual.transformer.resblocks[:max(self.layers)]
+        if linear_dtype is not None:   # block by block: one fp32 block copied at a time
+            self.blocks = nn.ModuleList(cast_linears(fold_quickgelu(copy.deepcopy(b)), linear_dtype)
+                                        for b in self.blocks)
         # open_clip 2.x blocks take (L, B, D); 3.x blocks take (B, L, D)
         self.batch_first = getattr(self.visual.transformer, "batch_first", False)
 
@@ -201,7 +230,7 @@ class CLIPTokens(nn.Module):
         if not self.batch_first:
             x = x.transpose(0, 1)                        # (1+HW, B, D)
         out = {}
-        for i, block in enumerate(v.transformer.resblocks[:max(self.layers)], start=1):
+        for i, block in enumerate(self.blocks, start=1):
             x = block(x)
             if i in self.layers:
                 out[i] = x if self.batch_first else x.transpose(0, 1)
@@ -333,10 +362,8 @@ def encode_latents(vae, images, batch_size=None, autocast=contextlib.nullcontext
     """images (N, 3, S, S) in [0, 1] -> latents z (N, c, S/f, S/f) float32, batched.
 
     One image at a time on the CPU: the VAE's full-resolution activations (128 channels at 224 px) then stay in
-    the caches; medvae_4_1_2d on 2 cores, 16 images in a fresh process, fp32: 0.95-0.97 s / image at batch 1
-    against 1.08-1.17 s at 4 (and worse, 1.4-1.7 s, once the process has run larger batches), bf16 0.43 against
-    0.58 s; the latents are the same to 1e-7. With channels-last weights (freeze_vae): fp32 0.86 against 0.94 s,
-    bf16 0.20 against 0.25 s. A GPU wants batches."""
+    the caches; medvae_4_1_2d on 2 cores, 16 images in a fresh process: fp32 0.86 s / image at batch 1 against
+    0.94 s at 4, bf16 0.20 against 0.25 s (the same latents to 1e-7). A GPU wants batches."""
     batch_size = batch_size or (1 if images.device.type == "cpu" else 16)
     outs = []
     for i in range(0, len(images), batch_size):

@@ -186,10 +186,11 @@ def predict(records, clip, dets, layers, args, device):
     """Anomaly maps (M, N, S, S) float16 and image scores (M, N) of M detectors on N records, and the masks
     (N, S, S); one frozen CLIP forward per batch serves every detector."""
     S = clip.visual.image_size if isinstance(clip.visual.image_size, int) else clip.visual.image_size[0]
-    tokens_model = encode.CLIPTokens(clip, layers)
+    bf16 = frozen_bf16(args, device)
+    tokens_model = encode.CLIPTokens(clip, layers, torch.bfloat16 if bf16 else None)   # bf16: a cast, folded copy
     tower = mediclip.TextTower(clip)
     texts = [det.text_features(tower) for det in dets]             # (E, 2) each, once for all images
-    autocast = bf16_autocast(device, frozen_bf16(args, device))
+    autocast = bf16_autocast(device, bf16)
     maps, scores, masks = [[] for _ in dets], [[] for _ in dets], []
     for i in tqdm(range(0, len(records), args.batch_size), desc="evaluate", dynamic_ncols=True):
         images, m = data.load_images(records[i:i + args.batch_size], S)

@@ -2,6 +2,7 @@
 import copy
 import socket
 import time
+import types
 import warnings
 
 import pytest
@@ -39,6 +40,26 @@ def test_clip_tokens_stop_after_deepest_block(tiny_clip):
     for h in hooks:
         h.remove()
     assert calls == [1, 2]
+
+
+def test_bf16_tokens_from_a_cast_folded_copy_leave_the_clip_as_loaded(tiny_clip):
+    """CLIPTokens(..., torch.bfloat16): blocks copied with bf16 linear weights and QuickGELU folded into c_fc and
+    c_proj (the same function: fp32 to rounding), tokens as close to fp32's as the plain bf16 path's; the CLIP's
+    own weights and activation untouched."""
+    block = tiny_clip.visual.transformer.resblocks[0]
+    x = torch.randn(17, 2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(encode.fold_quickgelu(copy.deepcopy(block))(x), block(x), rtol=1e-5, atol=1e-5)
+    before = {k: v.clone() for k, v in tiny_clip.state_dict().items()}
+    layers, images = (2, 4), torch.rand(3, 3, 64, 64)
+    ref = encode.encode_tokens(encode.CLIPTokens(tiny_clip, layers), images, tiny_clip)
+    bf16 = lambda: torch.autocast("cpu", torch.bfloat16)
+    plain = encode.encode_tokens(encode.CLIPTokens(tiny_clip, layers), images, tiny_clip, autocast=bf16)
+    fast = encode.encode_tokens(encode.CLIPTokens(tiny_clip, layers, torch.bfloat16), images, tiny_clip, autocast=bf16)
+    for r, p, f in zip(ref, plain, fast):
+        assert (f - r).norm() / r.norm() < 2 * (p - r).norm() / r.norm() + 1e-3
+    assert_same_weights(tiny_clip, types.SimpleNamespace(state_dict=lambda: before))
+    assert encode.clip_activation(tiny_clip) == "quickgelu"
 
 
 def test_layers_out_of_range(tiny_clip):
