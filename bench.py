@@ -86,8 +86,9 @@ def timed(f, repeat=1):
 
 def mediclip_style_run(name, layers, views, steps, B, autocast, step_autocast, device, frozen_bf16=False,
                        step_bf16=False, seed=0):
-    """The peer's loop with our modules: every step synthesises pixel anomalies and runs the frozen CLIP (and, as
-    train.py, bf16 forwards read copies of the frozen towers whose linear weights are cast once)."""
+    """The peer's loop with our modules: every step synthesises pixel anomalies and runs the frozen CLIP (in bf16
+    from a cast copy of its image blocks, as evaluate.py's per-image forward; bf16 steps read the text tower copy
+    of train.py's steps)."""
     t0 = time.perf_counter()
     clip = encode.load_clip(name, random_init=True).to(device)
     S = clip.visual.image_size[0] if not isinstance(clip.visual.image_size, int) else clip.visual.image_size
@@ -134,6 +135,7 @@ def bench_backbone(name, args, tmp):
     S = clip.visual.image_size[0] if not isinstance(clip.visual.image_size, int) else clip.visual.image_size
     layers = train.resolve_layers(None, len(clip.visual.transformer.resblocks))
     frozen_bf16, step_bf16 = runfiles.pick_precision(args.precision, device)   # as train.py runs its forwards
+    # the per-image forward as evaluate.py runs it (train.py's 16 views, once, skip the bf16 copy: its memory)
     tokens_model = encode.CLIPTokens(clip, layers, torch.bfloat16 if frozen_bf16 else None)
     records = data.load_split("synthetic", "", "test")[:args.images]
     images = data.load_images(records, S)[0].to(device)
