@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from encode import fold_quickgelu
+from encode import cast_linears, fold_quickgelu
 
 # MediCLIP's phrases (its config/*.yaml)
 NORMAL_PHRASES = ["normal", "healthy", "negative", "unremarkable", "clear", "asymptomatic",
@@ -110,11 +110,8 @@ class TextTower(nn.Module):
         self.packed = clip.attn_mask is not None and all(is_plain_block(b) for b in clip.transformer.resblocks)
         if linear_dtype is not None and self.packed:
             self.transformer = copy.deepcopy(clip.transformer)
-            for block in self.transformer.resblocks:
-                fold_quickgelu(block)
-            for m in self.transformer.modules():   # attention in/out and MLP; the LayerNorms stay as they are
-                if isinstance(m, (nn.Linear, nn.MultiheadAttention)):
-                    m.to(linear_dtype)
+            for block in self.transformer.resblocks:   # attention in/out and MLP cast; the LayerNorms stay
+                cast_linears(fold_quickgelu(block), linear_dtype)
 
     def forward(self, x, eot):
         """x (N, L, W) prompt embeddings, eot (N,) index of each EOT token -> (N, E) text features."""

@@ -11,7 +11,7 @@ import encode
 import evaluate
 import runfiles
 import train
-from conftest import TINY_CLIP
+from conftest import ROOT, TINY_CLIP
 
 TINY = ["--data", "synthetic", "--shots", "1", "--random-init", "--clip", TINY_CLIP, "--vae", "medvae_tiny_2d",
         "--unet", "tiny", "--projection", "tiny", "--views", "4", "--batch-size", "4", "--steps", "12",
@@ -198,10 +198,9 @@ def test_profile_script_follows_train(tmp_path, precision):
     a change of their signatures must not break it."""
     import subprocess
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     argv = ["scripts/profile_train.py", "--split", "--", *TINY, "--precision", precision, "--out", str(tmp_path)]
     script = (f"import runpy, sys; sys.path.insert(0, 'tests'); import conftest; conftest.register_tiny_clip("
               f"{str(tmp_path)!r}); sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__')")
-    r = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| **wall** |" in r.stdout and "| text tower + prompts |" in r.stdout
