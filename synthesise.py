@@ -12,7 +12,8 @@ C, noise, step): only eta_theta's prediction is replaced by the Gaussian noise n
 writes (into --out, default beside the checkpoint)
 - synthesis.png: one row per view: normal | learned anomaly | latent-noise control | mask outline |
   |learned - normal| | |control - normal| (both heat maps on the row's common scale), all decoded by the VAE.
-- synthesis.json: the statistics below, learned and control side by side (mean and std over the views).
+- synthesis.json: the statistics below, learned and control side by side (mean and std over the views where
+  each is defined, and their number n).
   Every change is measured between decoded images (decode(z_anom) - decode(z_n)), so the decoder's own
   reconstruction error cancels.
   locality          share of the decoded change's energy (sum of squares) inside the mask
@@ -129,8 +130,14 @@ def measure(x0, x_anom, mask_img, reach, z_n, z_anom, proj):
 
 
 def summarise(stats):
-    return {k: dict(mean=float(np.nanmean(v.numpy())), std=float(np.nanstd(v.numpy(), ddof=1)) if len(v) > 1 else 0.0)
-            for k, v in stats.items()}
+    """Mean and std (ddof 1) of each statistic over the n images where it is defined (token_change_in is NaN for
+    an image whose mask covers no token cell by half): std 0 from fewer than two, mean NaN from none."""
+    out = {}
+    for k, v in stats.items():
+        x = v.numpy()[~np.isnan(v.numpy())]
+        out[k] = dict(mean=float(x.mean()) if len(x) else float("nan"),
+                      std=float(x.std(ddof=1)) if len(x) > 1 else 0.0, n=len(x))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- the figure

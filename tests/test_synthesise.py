@@ -35,6 +35,18 @@ def test_train_saves_the_synthesis_figure_and_statistics(tmp_path):
     assert any("random medvae_tiny_2d" in w for w in s["warnings"])
 
 
+def test_statistics_summarise_the_images_where_they_are_defined():
+    """token_change_in is NaN for an image whose mask covers no token cell by half: the summary skips it, says over
+    how many images it ran, and does not warn (numpy's nanstd with ddof 1 on one value did)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = synthesise.summarise({"a": torch.tensor([float("nan"), 2.0]), "b": torch.tensor([1.0, 3.0, float("nan")]),
+                                  "c": torch.tensor([float("nan")])})
+    assert s["a"] == dict(mean=2.0, std=0.0, n=1) and s["b"] == dict(mean=2.0, std=pytest.approx(2 ** 0.5), n=2)
+    assert np.isnan(s["c"]["mean"]) and s["c"]["n"] == 0
+
+
 def test_learned_and_control_share_every_draw():
     """Same mask, C, noise and step: outside the mask neither changes; inside only eta_pred vs n differs."""
     g = torch.Generator().manual_seed(0)
