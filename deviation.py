@@ -361,5 +361,5 @@ class UNet(nn.Module):
 
 def build_unet(preset, channels):
     # channels-last weights: oneDNN's convolutions then keep every activation channels-last (a 1-channel input
-    # cannot say which layout it is in), fp32 forward + backward on 2 CPU cores 240 -> 197 ms (README, "Speed")
+    # cannot say which layout it is in), fp32 forward + backward on 2 CPU cores 240 -> 197 ms (docs/speed.md)
     return UNet(channels, **UNET_PRESETS[preset]).to(memory_format=torch.channels_last)
