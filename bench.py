@@ -135,8 +135,9 @@ def bench_backbone(name, args, tmp):
     S = clip.visual.image_size[0] if not isinstance(clip.visual.image_size, int) else clip.visual.image_size
     layers = train.resolve_layers(None, len(clip.visual.transformer.resblocks))
     frozen_bf16, step_bf16 = runfiles.pick_precision(args.precision, device)   # as train.py runs its forwards
+    copy_dtype = torch.bfloat16 if frozen_bf16 else None   # evaluate.py's bf16 image forward reads a cast copy
     # the per-image forward as evaluate.py runs it (train.py's 16 views, once, skip the bf16 copy: its memory)
-    tokens_model = encode.CLIPTokens(clip, layers, torch.bfloat16 if frozen_bf16 else None)
+    tokens_model = encode.CLIPTokens(clip, layers, copy_dtype)
     records = data.load_split("synthetic", "", "test")[:args.images]
     images = data.load_images(records, S)[0].to(device)
     ac, step_ac = runfiles.bf16_autocast(device, frozen_bf16), runfiles.bf16_autocast(device, step_bf16)
@@ -182,7 +183,7 @@ def bench_backbone(name, args, tmp):
     row["load_s_per_image"] = timed(lambda: data.load_images(records, S)) / len(records)
     with torch.inference_mode():
         row["eval_setup_s"] = timed(lambda: (det.text_features(mediclip.TextTower(clip)),
-                                             encode.CLIPTokens(clip, layers, torch.bfloat16 if frozen_bf16 else None)), 2)
+                                             encode.CLIPTokens(clip, layers, copy_dtype)), 2)
     bare, whole = float("inf"), float("inf")
     for _ in range(3):
         bare = min(bare, timed(lambda: encode.encode_tokens(tokens_model, images, clip, autocast=ac)))

@@ -134,7 +134,8 @@ def summarise(stats):
     an image whose mask covers no token cell by half): std 0 from fewer than two, mean NaN from none."""
     out = {}
     for k, v in stats.items():
-        x = v.numpy()[~np.isnan(v.numpy())]
+        x = v.numpy()
+        x = x[~np.isnan(x)]
         out[k] = dict(mean=float(x.mean()) if len(x) else float("nan"),
                       std=float(x.std(ddof=1)) if len(x) > 1 else 0.0, n=len(x))
     return out
