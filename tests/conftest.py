@@ -12,6 +12,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+# --precision auto without timing anything: runs compared bit for bit must not depend on which of fp32 and bf16
+# this machine ran faster a moment ago (tests/test_precision.py tests the measuring itself, with a fake timer)
+os.environ.setdefault("MEDAD_PRECISION_AUTO", "fp32")
 
 # A ViT with open_clip's real structure at toy size: 64 px, 16 px patches (4x4 tokens), 4 blocks.
 TINY_CLIP = "ViT-tiny-test"
@@ -20,6 +23,21 @@ TINY_CLIP_CFG = {
     "vision_cfg": {"image_size": 64, "layers": 4, "width": 64, "patch_size": 16, "head_width": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
+
+
+# Tolerances for two fp32 computations of one function that sum in other orders (another memory layout, a fused
+# kernel, another CPU's kernels: AMX, AVX-512, AVX2). A sum of n terms computed in any order is within about n * eps
+# of the exact sum, relative to the sum of the terms' magnitudes (Higham, Accuracy and Stability of Numerical
+# Algorithms, 2002, eq. 4.4); `scale` stands for that magnitude (the output's largest), and for a chain of layers n
+# is the reductions' lengths added up along it. A worst-case bound: the differences measured are far smaller (the
+# U-Net test: 1.7e-6 on an AVX-512 EPYC against a bound of 7e-4), and what the tests look for (a wrong layout, a
+# dropped term, a mis-scaled weight) is of the order of `scale` itself. Fitted to no CPU.
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def reorder_tol(n, scale=1.0):
+    """assert_close's tolerances for fp32 results that sum n terms per output, in another order (above)."""
+    return dict(atol=n * EPS32 * float(scale), rtol=0)
 
 
 def register_tiny_clip(folder):
@@ -37,7 +55,9 @@ def register_tiny_clip(folder):
 @pytest.fixture(scope="session", autouse=True)
 def tiny_clip_config(tmp_path_factory):
     register_tiny_clip(str(tmp_path_factory.mktemp("clip_cfg")))
-    torch.set_num_threads(2)
+    # the cores shared among pytest-xdist's workers (-n 2 on CI's 2 cores: one thread each, no oversubscription)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
     return TINY_CLIP
 
 

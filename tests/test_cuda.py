@@ -49,7 +49,7 @@ def test_train_and_evaluate_on_cuda(cuda_run, tmp_path):
 
 def test_a_checkpoint_made_on_cuda_scores_the_same_on_the_cpu(cuda_run, tmp_path):
     np.testing.assert_allclose(scores_of(cuda_run, "cpu", tmp_path / "c"), scores_of(cuda_run, "cuda", tmp_path / "g"),
-                               atol=1e-3)
+                               atol=1e-3)   # cuBLAS/cuDNN sum in other orders (TF32 off): scores in [0, 1]
 
 
 def test_a_checkpoint_made_on_the_cpu_scores_the_same_on_cuda(tmp_path):
@@ -64,4 +64,4 @@ def test_bf16_on_cuda_trains_and_agrees_with_fp32(cuda_run, tmp_path):
     assert ckpt["config"]["bf16"] and ckpt["config"]["frozen_bf16"]
     assert all(np.isfinite(v) for v in ckpt["stats"]["last"].values() if isinstance(v, float))
     fp32, bf16 = scores_of(cuda_run, "cuda", tmp_path / "a", "fp32"), scores_of(cuda_run, "cuda", tmp_path / "b", "bf16")
-    np.testing.assert_allclose(bf16, fp32, atol=2e-2)   # the frozen forward in bf16 against fp32, same checkpoint
+    np.testing.assert_allclose(bf16, fp32, atol=2e-2)   # the frozen forward in bf16 (eps 7.8e-3) against fp32, same checkpoint

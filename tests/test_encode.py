@@ -9,8 +9,9 @@ import torch
 import yaml
 
 import encode
+import fastclip
 import weights
-from conftest import TINY_CLIP, lightning_checkpoint
+from conftest import TINY_CLIP, lightning_checkpoint, reorder_tol
 
 
 def test_clip_tokens_match_forward_hooks(tiny_clip):
@@ -47,8 +48,10 @@ def test_bf16_tokens_from_a_cast_folded_copy_leave_the_clip_as_loaded(tiny_clip)
     own weights and activation untouched."""
     block = tiny_clip.visual.transformer.resblocks[0]
     x = torch.randn(17, 2, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(encode.fold_quickgelu(copy.deepcopy(block))(x), block(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():      # the folded MLP rounds 1.702 h differently: attention (64) and MLP (256 + 64) sums
+        ref = block(x)
+        torch.testing.assert_close(fastclip.fold_quickgelu(copy.deepcopy(block))(x), ref,
+                                   **reorder_tol(64 + 256 + 64, ref.abs().max()))
     before = {k: v.clone() for k, v in tiny_clip.state_dict().items()}
     layers, images = (2, 4), torch.rand(3, 3, 64, 64)
     ref = encode.encode_tokens(encode.CLIPTokens(tiny_clip, layers), images, tiny_clip)
@@ -251,7 +254,7 @@ def test_medvae_normalisation_matches_the_package_transform(tmp_path):
     ref = load_2d(str(tmp_path / "x.png"), merge_channels=True)              # (1, H, W)
     img = torch.from_numpy(data.read_image({"path": str(tmp_path / "x.png"), "image": None}))
     ours = encode.medvae_normalise(img.permute(2, 0, 1)[None], 1)[0]
-    torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=0)   # min-max of values in [-1, 1]: ~80 eps
 
 
 def test_offline_medvae_fails_fast(monkeypatch, tmp_path):

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import encode
 import mediclip
 import project
+from conftest import reorder_tol
 
 
 def test_untrained_adapters_are_clips_own_head(tiny_clip):
@@ -152,7 +153,8 @@ def test_prompt_text_tower_reproduces_encode_text(tiny_clip):
     ids, _ = mediclip.tokenize_prompts()
     with torch.no_grad():
         ref = tiny_clip.encode_text(ids)
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    # packed vs open_clip's padded, fused path: 2 blocks of attention (32) and MLP (128 + 32) sums, the projection
+    torch.testing.assert_close(ours, ref, **reorder_tol(2 * (32 + 128 + 32) + 32, ref.abs().max()))
 
 
 def test_text_tower_gradients_match_the_fused_attention(tiny_clip):
@@ -168,8 +170,9 @@ def test_text_tower_gradients_match_the_fused_attention(tiny_clip):
     h = tiny_clip.transformer(h, attn_mask=tiny_clip.attn_mask[:L, :L]).transpose(0, 1)
     ref = tiny_clip.ln_final(h)[torch.arange(len(x)), eot] @ tiny_clip.text_projection
     (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
-    torch.testing.assert_close(g_ours, g_ref, atol=1e-4 * float(g_ref.abs().max()), rtol=0)   # summation order
+    # the maths path against the fused kernel: as above; the gradient runs the chain back again (twice the sums)
+    torch.testing.assert_close(ours, ref, **reorder_tol(2 * (32 + 128 + 32) + 32, ref.abs().max()))
+    torch.testing.assert_close(g_ours, g_ref, **reorder_tol(4 * (32 + 128 + 32) + 64, g_ref.abs().max()))
 
 
 def test_text_tower_packs_the_prompts_exactly(tiny_clip):
@@ -186,6 +189,7 @@ def test_text_tower_packs_the_prompts_exactly(tiny_clip):
         xg = x.detach().requires_grad_()
         f = tower(xg, eot)
         out[packed] = f, torch.autograd.grad(f.square().sum(), xg)[0]
-    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(out[True][1], out[False][1], atol=1e-4 * float(out[False][1].abs().max()), rtol=0)
+    f, g = out[False]                    # as in the test above: packed rows sum in another order than padded ones
+    torch.testing.assert_close(out[True][0], f, **reorder_tol(2 * (32 + 128 + 32) + 32, f.abs().max()))
+    torch.testing.assert_close(out[True][1], g, **reorder_tol(4 * (32 + 128 + 32) + 64, g.abs().max()))
     assert not mediclip.is_plain_block(torch.nn.Linear(2, 2))
