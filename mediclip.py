@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from encode import cast_linears, fold_quickgelu
+from fastclip import cast_linears, fold_quickgelu
 
 # MediCLIP's phrases (its config/*.yaml)
 NORMAL_PHRASES = ["normal", "healthy", "negative", "unremarkable", "clear", "asymptomatic",
@@ -94,7 +94,7 @@ class TextTower(nn.Module):
         for a tower that runs only under autocast to it (train.py's bf16 steps). Autocast recasts a frozen weight
         at every use (it keeps the casts of trainable ones only); stored cast, the bits are the same without the
         casts (ViT-L-14, bf16, forward + backward on 2 CPU cores: 168 -> 143 ms), and QuickGELU is folded into
-        the copy's MLP weights (encode.fold_quickgelu: the same function to rounding; 154 -> 137 ms). Outside
+        the copy's MLP weights (fastclip.fold_quickgelu: the same function to rounding; 154 -> 137 ms). Outside
         that autocast such a tower fails (mixed dtypes). CLIP's plain blocks only; other towers ignore it."""
         super().__init__()
         if not hasattr(clip, "token_embedding"):
