@@ -42,6 +42,7 @@ import runfiles
 import mediclip
 import train
 import pixel_tasks
+import precision
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -134,7 +135,9 @@ def bench_backbone(name, args, tmp):
     clip = encode.load_clip(name, random_init=True).to(device)
     S = clip.visual.image_size[0] if not isinstance(clip.visual.image_size, int) else clip.visual.image_size
     layers = train.resolve_layers(None, len(clip.visual.transformer.resblocks))
-    frozen_bf16, step_bf16 = runfiles.pick_precision(args.precision, device)   # as train.py runs its forwards
+    prec = precision.pick(args.precision, device, clip)   # as train.py runs its forwards
+    print(prec["line"])
+    frozen_bf16, step_bf16 = prec["frozen"], prec["trainables"]
     copy_dtype = torch.bfloat16 if frozen_bf16 else None   # evaluate.py's bf16 image forward reads a cast copy
     # the per-image forward as evaluate.py runs it (train.py's 16 views, once, skip the bf16 copy: its memory)
     tokens_model = encode.CLIPTokens(clip, layers, copy_dtype)

@@ -46,10 +46,11 @@ import exports
 import folders
 import mediclip
 import metrics
+import precision
 import scans
 import studies
 from runfiles import (CheckpointError, bf16_autocast, check_writable, code_version, load_checkpoint, pick_device,
-                      pick_precision, write_json)
+                      write_json)
 from train import resolve_layers
 from weights import sha256
 
@@ -104,8 +105,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="the frozen CLIP forward: "
-                   "auto is bf16 on CUDA and on CPUs with AMX, fp32 on other CPUs (bf16 there is 1.2-7x slower: "
-                   "README, bf16 on the CPU); the adapters and maps stay fp32")
+                   "auto is bf16 on CUDA and, on a CPU, whichever this machine runs faster (timed once and cached, "
+                   "as train.py: precision.py); the adapters and maps stay fp32")
     return p.parse_args(argv)
 
 
@@ -173,12 +174,15 @@ def load_models(paths, args, device):
     clip, layers, backbone = load_backbone(args, ckpts)
     dets = [load_detector(clip, layers, c, p).to(device) for c, p in zip(ckpts, paths)] or \
            [load_detector(clip, layers, None, None).to(device)]
+    prec = precision.pick(getattr(args, "precision", "auto"), device, clip)   # auto: timed once per machine
+    print(prec["line"])
+    backbone = dict(backbone, clip_forward="bf16" if prec["frozen"] else "fp32", precision=prec["line"])
     return ckpts, clip.to(device), layers, backbone, dets
 
 
-def frozen_bf16(args, device):
-    """Whether the frozen CLIP forward runs in bf16 (--precision; auto: on CUDA and CPUs with AMX)."""
-    return pick_precision(getattr(args, "precision", "auto"), device)[0]
+def frozen_bf16(args, device, clip):
+    """Whether the frozen CLIP forward runs in bf16 (--precision; auto: as precision.py measures this machine)."""
+    return precision.pick(getattr(args, "precision", "auto"), device, clip)["frozen"]
 
 
 @torch.inference_mode()
@@ -186,7 +190,7 @@ def predict(records, clip, dets, layers, args, device):
     """Anomaly maps (M, N, S, S) float16 and image scores (M, N) of M detectors on N records, and the masks
     (N, S, S); one frozen CLIP forward per batch serves every detector."""
     S = clip.visual.image_size if isinstance(clip.visual.image_size, int) else clip.visual.image_size[0]
-    bf16 = frozen_bf16(args, device)
+    bf16 = frozen_bf16(args, device, clip)
     tokens_model = encode.CLIPTokens(clip, layers, torch.bfloat16 if bf16 else None)   # bf16: a cast, folded copy
     tower = mediclip.TextTower(clip)
     texts = [det.text_features(tower) for det in dets]             # (E, 2) each, once for all images
@@ -359,8 +363,7 @@ def write_report(out, name, records, maps, member_scores, masks, ckpts, paths, b
     metrics.plot_roc(os.path.join(out, "roc.png"), score[keep], y, cls, report, report["operating_points"])
     report["conditions"] = dict(describe_checkpoints(ckpts, paths), **backbone, test_data=name,
                                  image_score="max" if args.topk <= 0 else f"top{args.topk}",
-                                 code_version=code_version(),
-                                 clip_forward="bf16" if frozen_bf16(args, pick_device(args.device)) else "fp32")
+                                 code_version=code_version())
     report["warnings"] = report_warnings(report, ckpts, name)
     if backbone["random_init"]:
         report["warning"] = RANDOM_WEIGHTS          # kept for readers of older reports; also first in warnings

@@ -45,32 +45,10 @@ def pick_device(name):
 
 
 def bf16_autocast(device, on=True):
-    """A context factory: bf16 autocast on CUDA or the CPU when `on` (pick_precision says when), else none."""
+    """A context factory: bf16 autocast on CUDA or the CPU when `on` (precision.pick says when), else none."""
     if on and device.type in ("cuda", "cpu"):
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
-
-
-def cpu_runs_bf16():
-    """Whether this CPU multiplies bf16 matrices natively fast: AMX tiles (Intel Sapphire Rapids and later), which
-    oneDNN uses for bf16 autocast unless ONEDNN_MAX_CPU_ISA caps it below them. Measured (README "bf16 on the
-    CPU"): a ViT-B-16 forward of 16 images takes 0.31x fp32's time in bf16 with AMX, 1.2x with avx512_bf16 alone,
-    3.2x with AVX-512, 7.3x with AVX2; so only AMX makes bf16 the faster choice."""
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return bool(amx) and (cap == "ALL" or "AMX" in cap)
-
-
-def pick_precision(precision, device):
-    """--precision auto | fp32 | bf16 -> (frozen_bf16, trainables_bf16): whether the frozen encoders' forwards and
-    the trainables' forwards run under bf16 autocast (fp32 weights, optimiser and losses either way).
-    auto: on CUDA the frozen forwards only (the trainables' choice awaits a measurement on a GPU); on a CPU both,
-    where it runs bf16 natively (cpu_runs_bf16), else neither; fp32 elsewhere (MPS)."""
-    if precision in ("fp32", "bf16"):
-        return (precision == "bf16",) * 2
-    if device.type == "cuda":
-        return True, False
-    return (device.type == "cpu" and cpu_runs_bf16(),) * 2
 
 
 class CheckpointError(ValueError):

@@ -40,6 +40,7 @@ import deviation
 import encode
 import mediclip
 import pixel_tasks
+import precision
 import project
 import runfiles
 
@@ -92,10 +93,10 @@ def parse_args(argv=None):
                    "image's own tissue from elsewhere (DeCo-Diff's shuffled patches; deviation.sample_tissue)")
     p.add_argument("--eta-noise", default="surrogate", choices=["surrogate", "gaussian"], help="the masked "
                    "forward's n, in training and synthesis: the latent's own phase-randomised surrogate (its spectrum "
-                   "and channel structure: deviation.sample_surrogate; README realism) or Gaussian (DeCo-Diff); the "
+                   "and channel structure: deviation.sample_surrogate; docs/realism.md) or Gaussian (DeCo-Diff); the "
                    "latent-noise control keeps Gaussian n")
     p.add_argument("--C", type=float, nargs=2, default=[0.5, 1.5], metavar=("LO", "HI"),
-                   help="deviation size in latent stds, drawn uniformly from [LO, HI] (README realism: measured)")
+                   help="deviation size in latent stds, drawn uniformly from [LO, HI] (docs/realism.md: measured)")
     p.add_argument("--grey", default="decode", choices=["decode", "off"], help="grey-scale images in a VAE that "
                    "decodes colour (taef2, medvae_4_3/_8_4): keep their anomalies grey through the grey decoding "
                    "(deviation.keep_grey; one VAE decode + encode of the batch per step); the 1-channel MedVAEs "
@@ -120,8 +121,9 @@ def parse_args(argv=None):
     p.add_argument("--save-synthesis", type=int, default=0, metavar="N", help="at the end, decode the synthesis "
                    "of N views into synthesis.png and synthesis.json beside the checkpoint (synthesise.py)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="bf16 autocast of the "
-                   "forwards (fp32 weights, optimiser and losses either way). auto: on a CPU with AMX every forward "
-                   "(2.1x faster steps, README Speed), on other CPUs none (slower there); on CUDA the frozen ones")
+                   "forwards (fp32 weights, optimiser and losses either way). auto: on a CPU, per path (frozen "
+                   "forwards, trainables), whichever this machine runs faster, timed once and cached (precision.py); "
+                   "on CUDA the frozen ones")
     p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="= --precision bf16")
     return p.parse_args(argv)
 
@@ -192,7 +194,7 @@ def cache_key(views, layers, device, args):
     files = [None if not p else [stamp(os.path.join(p, f)) for f in sorted(os.listdir(p))] if os.path.isdir(p)
              else stamp(p) for p in (args.clip_weights, args.vae_weights)]
     h.update(repr((args.clip, args.pretrained, args.random_init, list(layers), args.vae, files, device.type,
-                   runfiles.pick_precision(args.precision, device)[0])).encode())
+                   precision.pick(args.precision, device, args.clip)["frozen"])).encode())
     return h.hexdigest()[:20]
 
 
@@ -203,7 +205,9 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = runfiles.pick_device(args.device)
-    frozen_bf16, step_bf16 = runfiles.pick_precision(args.precision, device)   # fp32 weights and losses either way
+    prec = precision.pick(args.precision, device, args.clip)   # auto: timed here once per machine, then cached
+    print(prec["line"])
+    frozen_bf16, step_bf16 = prec["frozen"], prec["trainables"]     # fp32 weights and losses either way
     autocast, step_autocast = runfiles.bf16_autocast(device, frozen_bf16), runfiles.bf16_autocast(device, step_bf16)
     gen = torch.Generator().manual_seed(args.seed)  # every random draw of the loop, on the CPU: reproducible
     out = args.out or os.path.join("runs", f"{os.path.basename(args.data.rstrip('/'))}-k{args.shots}-s{args.seed}")
@@ -377,7 +381,7 @@ def main(args):
     # the checkpoint's bytes depend on its inputs only; how long it took goes beside it
     runfiles.write_json(dict(encode_s=encode_s, train_s=train_s, calib_s=calib_s, encodings_cached=cached,
                              det_step_s_median=float(torch.tensor(det_step_s).median()) if det_step_s else None,
-                             wall_s=time.time() - t0), os.path.join(out, "timings.json"))
+                             wall_s=time.time() - t0, precision=prec), os.path.join(out, "timings.json"))
     path = os.path.join(out, "run.pt")
     runfiles.save_checkpoint(ckpt, path)
     print(f"first log row: {first}\nlast log row:  {row}")
