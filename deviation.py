@@ -10,7 +10,7 @@ so that x_t - x0 = sqrt(1 - abar_t) * eta. eta_theta(x_t, t) predicts eta with a
 it is not given the mask, so it must find the deviating region itself.
 In DeCo-Diff n is Gaussian; here, by default, it is the latent's own phase-randomised surrogate (sample_surrogate:
 the normal image's spectrum and channel structure, random phases), so that eta_theta learns deviations as smooth
-as anatomy, whose decoding is a mass, not 8-px tiles (README, "Is the synthesis like real lesions?"; train.py
+as anatomy, whose decoding is a mass, not 8-px tiles (docs/realism.md; train.py
 --eta-noise gaussian gives DeCo-Diff's). Either way, in a fraction (U(0, 0.3)) of the corrupted patches n is the
 latent of another image of the batch at the same place (DeCo-Diff's shuffled patches).
 

@@ -61,7 +61,7 @@ def list_images(folder, scan=None):
     if not recs:
         formats = f"; {len(other)} file(s) of other formats, e.g. {other[0][0]}" if other else ""
         raise data.DataError(f"{folder}: no images here (missing or empty folder; looked for "
-                             f"{', '.join(data.IMAGE_EXTS)}){formats}")
+                             f"{', '.join(data.IMAGE_EXTS)}, DICOM and NIfTI){formats}")
     return data.in_order(recs), other
 
 

@@ -2,7 +2,7 @@
 A toy set of brain MRI studies, made here from a real volume (nothing downloaded): nilearn's MNI152 T1 template
 (shipped inside the nilearn package) perturbed into "normal subjects", and the same with MOOD-like inserted
 anomalies and their masks (MOOD, Zimmerer et al. 2022: a sphere of foreign intensity, a local deformation, a
-noise patch, a patch copied from elsewhere in the brain). For tests, the README's figure and trying the volume
+noise patch, a patch copied from elsewhere in the brain). For tests, the studies figure (docs/studies.md) and trying the volume
 path end to end; it says nothing about the method on real pathology.
 
     python toy_volumes.py --out toy --normal-train 2 --normal-test 3 --anomalous 4

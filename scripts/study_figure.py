@@ -1,6 +1,6 @@
 """
 Three orthogonal views of one study through the peak of its anomaly-map volume: the image, and the image with
-the map (one scale: 0 to the map's max) and the mask's outline where there is one. For the README's figure.
+the map (one scale: 0 to the map's max) and the mask's outline where there is one. For the figure in docs/studies.md.
 Shown as evaluate.py's overlays and clinical viewers show them (scans.nifti_slice: radiological, the patient's
 right on the image's left; sagittal: anterior left), the sides marked on every panel.
 

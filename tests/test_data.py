@@ -138,7 +138,7 @@ def test_list_images(tmp_path):
     assert len(other) == 1 and ".txt is not a format read here" in other[0][1]     # said, not dropped silently
     assert all(r["label"] == -1 and r["cls"] == "unknown" for r in recs)
     (tmp_path / "e").mkdir()
-    with pytest.raises(DataError, match="no images"):
+    with pytest.raises(DataError, match="no images here .*tiff, DICOM and NIfTI"):   # every format read is named
         folders.list_images(str(tmp_path / "e"))
     with pytest.raises(DataError, match="missing"):
         folders.list_images(str(tmp_path / "missing"))
