@@ -230,16 +230,16 @@ def bench_volumes(ckpt, tmp, device="cpu"):
     from scipy.stats import spearmanr
     row, outs = {}, {}
     for kind, path in write_volumes(tmp).items():
-        for precision in ("fp32", "bf16"):
-            out = os.path.join(tmp, f"{kind}-{precision}")
+        for prec in ("fp32", "bf16"):
+            out = os.path.join(tmp, f"{kind}-{prec}")
             t = time.perf_counter()
             evaluate.load_models([ckpt], evaluate.parse_args(["--ckpt", ckpt]), runfiles.pick_device(device))
             load = time.perf_counter() - t
             t = time.perf_counter()
             evaluate.main(evaluate.parse_args(["--ckpt", ckpt, "--images", os.path.dirname(path), "--out", out,
-                                               "--overlays", "0", "--precision", precision, "--device", device]))
-            row[f"{kind}_study_s_{precision}"] = time.perf_counter() - t - load
-            outs[precision] = out
+                                               "--overlays", "0", "--precision", prec, "--device", device]))
+            row[f"{kind}_study_s_{prec}"] = time.perf_counter() - t - load
+            outs[prec] = out
         with open(os.path.join(outs["fp32"], "studies.csv")) as f:
             row[f"{kind}_slices_scored"] = float(list(csv.DictReader(f))[0]["slices_scored"])
         s32, s16 = (np.array([float(r["score"]) for r in csv.DictReader(open(os.path.join(outs[p], "scores.csv")))])

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastclip
+import weightfiles
 import weights as W
 from taef2 import TAEF2
 from weights import WeightsUnavailable  # noqa: F401  (callers catch encode.WeightsUnavailable)
@@ -127,7 +128,7 @@ def restore_causal_masks(model):
 def clip_from_file(name, path, quickgelu=None):
     """open_clip `name` with the weights of `path` (safetensors, torch state dict or OpenAI TorchScript). The
     activation: as asked (quickgelu True/False), else QuickGELU when the file is OpenAI's or the name says so."""
-    sd, info = W.read_state_dict(path, "--clip-weights")
+    sd, info = weightfiles.read_state_dict(path, "--clip-weights")
     if quickgelu is None:
         quickgelu = name.endswith("-quickgelu") or bool(info["openai"])
         if info["openai"] and not name.endswith("-quickgelu"):
@@ -137,14 +138,14 @@ def clip_from_file(name, path, quickgelu=None):
                   "an open_clip_config.json with quick_gelu beside the file"
             print(f"warning: {path}: the file does not say whether it is OpenAI's CLIP (QuickGELU) or not; built "
                   f"{name} with GELU. If it holds OpenAI's weights, pass {alt}")
-    sd = {k: v for k, v in sd.items() if k not in W.OPENAI_EXTRA_KEYS}
+    sd = {k: v for k, v in sd.items() if k not in weightfiles.OPENAI_EXTRA_KEYS}
     model = create_clip(name, quickgelu, empty=True)
-    ignored = W.load_exact(model, sd, path, assign=True)   # the file's tensors become the weights (as fp32)
+    ignored = weightfiles.load_exact(model, sd, path, assign=True)   # the file's tensors become the weights (as fp32)
     if not restore_causal_masks(model):  # a buffer this open_clip makes that we cannot rebuild: the slow way
         model = create_clip(name, quickgelu)
-        W.load_exact(model, sd, path)
+        weightfiles.load_exact(model, sd, path)
     if ignored:
-        print(f"{path}: ignored {W.summarise_ignored(ignored)}")
+        print(f"{path}: ignored {weightfiles.summarise_ignored(ignored)}")
     return model
 
 
@@ -275,11 +276,11 @@ def load_medvae(name="medvae_4_1_2d", weights=None, random_init=False):
         config, ckpt = W.vae_files(name)                  # the package's yaml and checkpoint, from the hub
         ddconfig, embed_dim = read_medvae_config(config)
     model = build_medvae(name, ddconfig, embed_dim)
-    sd, info = W.read_state_dict(ckpt, "--vae-weights")
-    ignored = W.load_exact(model, sd, ckpt, optional=MEDVAE_OPTIONAL)
+    sd, info = weightfiles.read_state_dict(ckpt, "--vae-weights")
+    ignored = weightfiles.load_exact(model, sd, ckpt, optional=MEDVAE_OPTIONAL)
     absent = [k for k in model.state_dict() if k not in sd]
-    notes = [f"ignored {W.summarise_ignored(ignored)}"] * bool(ignored) + \
-            [f"absent (unused here) {W.summarise_ignored(absent)}"] * bool(absent) + \
+    notes = [f"ignored {weightfiles.summarise_ignored(ignored)}"] * bool(ignored) + \
+            [f"absent (unused here) {weightfiles.summarise_ignored(absent)}"] * bool(absent) + \
             [f"skipped pickled objects {', '.join(info['skipped_objects'])}"] * bool(info["skipped_objects"])
     if notes:
         print(f"MedVAE {name} from {ckpt}: " + "; ".join(notes))
@@ -302,7 +303,7 @@ def load_taef2(weights=None, random_init=False):
             return freeze_vae(TAEF2())
     model = TAEF2()
     for part, path in zip((model.encoder, model.decoder), W.taef2_files(weights)):
-        W.load_exact(part, W.read_state_dict(path, "--vae-weights")[0], path)
+        weightfiles.load_exact(part, weightfiles.read_state_dict(path, "--vae-weights")[0], path)
     return freeze_vae(model)
 
 

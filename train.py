@@ -24,7 +24,6 @@ A fixed number of steps; the last checkpoint is the result. The test split is ne
 """
 import argparse
 import csv
-import hashlib
 import os
 import sys
 import time
@@ -38,8 +37,8 @@ import calibration as calib
 import data
 import deviation
 import encode
+import encodings_cache
 import mediclip
-import pixel_tasks
 import precision
 import project
 import runfiles
@@ -154,50 +153,6 @@ def build_trainables(config, clip):
     return eta, proj, det
 
 
-def encode_views(views, clip, tokens_model, layers, device, autocast, args):
-    """The frozen encodings of the views: CLIP tokens (list over layers) and VAE latents z, computed once, or read
-    from --cache. Returns them and whether they came from the cache."""
-    cache = args.cache and os.path.join(args.cache, f"views-{cache_key(views, layers, device, args)}.pt")
-    cached = runfiles.read_cache(cache)
-    if cached:
-        print(f"frozen encodings of the {len(views)} views read from {cache}")
-        return [t.to(device) for t in cached["real"]], cached["z"].to(device), True
-    vae = encode.load_vae(args.vae, args.vae_weights, args.random_init).to(device)
-    t0 = time.time()
-    print(f"encoding the {len(views)} views once: CLIP {args.clip} to block {max(layers)} ...", flush=True)
-    real = [t.clone() for t in encode.encode_tokens(tokens_model, views.to(device), clip, autocast=autocast)]
-    print(f"  {time.time() - t0:.0f} s; {args.vae} latents ...", flush=True)
-    z = encode.encode_latents(vae, views.to(device), autocast=autocast).clone()          # (k V, c, h, w)
-    print(f"  {time.time() - t0:.0f} s", flush=True)
-    if cache:
-        os.makedirs(args.cache, exist_ok=True)
-        runfiles.save_checkpoint(dict(real=[t.cpu() for t in real], z=z.cpu()), cache)
-    return real, z, False
-
-
-def encode_bank(views, clip, tokens_model, device, autocast, args):
-    """Pixel-space baselines: --bank anomalies synthesised from the views, their CLIP tokens and masks."""
-    mode = "pixel-noise" if args.synth == "pixel-noise" else "mediclip"
-    images, masks = pixel_tasks.build_bank(views, args.bank, mode, args.seed)
-    tokens = [t.clone() for t in encode.encode_tokens(tokens_model, images.to(device), clip, autocast=autocast)]
-    return tokens, masks.to(device)
-
-
-def cache_key(views, layers, device, args):
-    """What the frozen encodings of the views depend on: their pixels (so the data, shots, seed and
-    augmentation), the encoders and their weights, the precision, and the code of encode.py."""
-    h = hashlib.sha256(views.contiguous().numpy().tobytes())
-    for module in (encode, encode.W):
-        with open(module.__file__, "rb") as f:
-            h.update(f.read())
-    stamp = lambda p: (os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p))
-    files = [None if not p else [stamp(os.path.join(p, f)) for f in sorted(os.listdir(p))] if os.path.isdir(p)
-             else stamp(p) for p in (args.clip_weights, args.vae_weights)]
-    h.update(repr((args.clip, args.pretrained, args.random_init, list(layers), args.vae, files, device.type,
-                   precision.pick(args.precision, device, args.clip)["frozen"])).encode())
-    return h.hexdigest()[:20]
-
-
 def main(args):
     t0 = time.time()
     check_args(args)
@@ -228,14 +183,15 @@ def main(args):
               f"(--random-init): a smoke run; its numbers say nothing about the method")
     views = augment.load_views(view_recs, image_size, args.views, args.seed)  # (k V, 3, S, S)
     tokens_model = encode.CLIPTokens(clip, layers)   # no bf16 copy here (evaluate.py's): +0.6 GiB at the peak
-    real, z, cached = encode_views(views, clip, tokens_model, layers, device, autocast, args)   # tokens, (k V, c, h, w)
+    real, z, cached = encodings_cache.encode_views(views, clip, tokens_model, layers, device, autocast,
+                                                   args)     # CLIP tokens (list of (k V, D, H, W)), z (k V, c, h, w)
     train_idx, held_idx = augment.split_held_out(len(views), args.views)
     uses_eta = args.synth in ("deviation", "mix")
     uses_latent = args.synth in ("deviation", "latent-noise", "mix")
     uses_bank = args.synth in ("mediclip", "pixel-noise", "mix")
     if uses_bank:  # pixel-space baselines: a bank of synthesised views, encoded once like the normals
         print(f"synthesising and encoding a bank of {args.bank} {args.synth} anomalies ...", flush=True)
-        bank, bank_masks = encode_bank(views[train_idx], clip, tokens_model, device, autocast, args)
+        bank, bank_masks = encodings_cache.encode_bank(views[train_idx], clip, tokens_model, device, autocast, args)
     text_tower = mediclip.TextTower(clip)   # and for bf16 steps a copy with its linear weights cast once, not per step
     step_tower = mediclip.TextTower(clip, torch.bfloat16) if step_bf16 else text_tower
     del tokens_model  # the loop never runs the frozen image encoders

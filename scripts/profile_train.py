@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import calibration  # noqa: E402
 import deviation  # noqa: E402
 import encode  # noqa: E402
+import encodings_cache  # noqa: E402
 import mediclip  # noqa: E402
 import project  # noqa: E402
 import runfiles  # noqa: E402
@@ -31,7 +32,8 @@ import train  # noqa: E402
 # (row, object, attribute): the stopwatch wraps object.attribute; the rows in the order of the method
 PARTS = [
     ("load the frozen models", encode, "load_clip"), ("load the frozen models", encode, "load_vae"),
-    ("frozen encodings (once)", train, "encode_views"), ("frozen encodings (once)", train, "encode_bank"),
+    ("frozen encodings (once)", encodings_cache, "encode_views"),
+    ("frozen encodings (once)", encodings_cache, "encode_bank"),
     ("frozen encodings (once)", deviation, "grey_round_trip"),
     ("eta_theta forward", deviation.UNet, "forward"),
     ("masks, noise, synthesis", deviation, "sample_patch_mask"), ("masks, noise, synthesis", deviation, "sample_noise"),
