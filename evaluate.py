@@ -33,29 +33,24 @@ data the calibration is fitted on) and studies.py (study scores, studies.csv, MO
 import argparse
 import csv
 import os
+import shutil
 import sys
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-import calibration
 import data
 import encode
 import exports
 import folders
 import mediclip
-import metrics
 import precision
-import scans
+import report
 import studies
-from runfiles import (CheckpointError, bf16_autocast, check_writable, code_version, load_checkpoint, pick_device,
-                      write_json)
+from runfiles import CheckpointError, bf16_autocast, check_writable, load_checkpoint, pick_device
 from train import resolve_layers
 from weights import sha256
-
-RANDOM_WEIGHTS = "random backbone weights: these numbers say nothing about the method"
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a one-shot MediCLIP checkpoint (or CLIP zero-shot).",
@@ -93,7 +88,10 @@ def parse_args(argv=None):
                    "reaches this sensitivity on the calibration data")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of --calib-split")
     # run
-    p.add_argument("--out", default=None, help="results folder (default: beside the (first) checkpoint)")
+    p.add_argument("--out", default=None, help="results folder (default: beside the (first) checkpoint; with "
+                   "--images, its own folder there, images-<FOLDER>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out (refused "
+                   "otherwise: two runs' files never mix in one folder)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward")
     p.add_argument("--overlays", type=int, default=8, help="number of overlay PNGs to write")
     p.add_argument("--save-maps", action="store_true", help="export every anomaly map in its input's geometry: "
@@ -143,15 +141,6 @@ def load_backbone(args, ckpts):
                     f"file {os.path.abspath(weights)}" if weights else f"open_clip tag {pretrained}",
                     weights_sha256=sha256(weights) if weights else None)
     return clip, layers, backbone
-
-
-def describe_checkpoints(ckpts, paths):
-    """What the numbers depend on of the checkpoints: files, checksums, shots, seeds, data, synthesis, steps."""
-    cfg = ckpts[0]["config"] if ckpts else {}
-    return dict(checkpoints=[os.path.abspath(p) for p in paths], checkpoint_sha256=[sha256(p) for p in paths],
-                shots=cfg.get("shots", 0), seeds=[c["seed"] for c in ckpts], shot_files=[c["shots"] for c in ckpts],
-                train_data=cfg.get("data"), synth=cfg.get("synth"), steps=cfg.get("steps"),
-                eta_warmup=cfg.get("eta_warmup"), detector_steps=[c["stats"].get("detector_steps") for c in ckpts])
 
 
 def load_detector(clip, layers, ckpt, path):
@@ -209,23 +198,6 @@ def predict(records, clip, dets, layers, args, device):
 
 
 # ---------------------------------------------------------------------------------------------- main
-def print_summary(m):
-    ci = lambda d: f" [{d['auroc_ci95'][0]:.3f}, {d['auroc_ci95'][1]:.3f}]" if "auroc_ci95" in d else ""
-    lines = [f"WARNING: {w}" for w in m.get("warnings", [])]
-    lines.append(f"image AUROC {m['image']['auroc']:.4f}{ci(m['image'])}  AP {m['image']['ap']:.4f}")
-    if m["pixel"]:
-        lines.append(f"pixel AUROC {m['pixel']['auroc']:.4f}{ci(m['pixel'])}  AUPRO {m['pixel']['aupro']:.4f}")
-    for key, s in (m.get("seeds") or {}).items():
-        if isinstance(s, dict):
-            lines.append(f"{key} over {len(s['values'])} checkpoints: {s['mean']:.4f} +- {s['std']:.4f}")
-    if m["calibration"]["method"]:
-        lines.append(f"calibration ECE {m['calibration']['ece']:.4f} (fitted on {m['calibration']['fitted_on']})")
-    for name, op in m["operating_points"].items():
-        lines.append(f"{name}: threshold {op['threshold']:.4f}  sensitivity {op['sensitivity']:.3f}  "
-                     f"specificity {op['specificity']:.3f}")
-    print("\n".join(lines))
-
-
 def main(args):
     if not args.zero_shot and not args.ckpt:
         raise CheckpointError("give --ckpt FILE, or --zero-shot")
@@ -238,7 +210,10 @@ def main(args):
             raise ValueError(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
     paths = [] if args.zero_shot else args.ckpt
     out = args.out or (os.path.dirname(os.path.abspath(paths[0])) if paths else "results")
+    if args.images and not args.out:                   # own folders apart from the dataset's evaluation
+        out = os.path.join(out, "images-" + exports.safe_name(os.path.basename(os.path.abspath(args.images))))
     check_writable(out, "--out")                       # before the compute, not after it
+    clear_earlier(out, args.overwrite)
     cfg0 = load_checkpoint(paths[0])["config"] if paths else {}   # its scan options are needed before the model
     args.window = args.window or cfg0.get("window")
     args.slice_axis = args.slice_axis or cfg0.get("slice_axis") or "axial"
@@ -262,115 +237,21 @@ def main(args):
         with open(os.path.join(out, "skipped.csv"), "w", newline="") as f:
             csv.writer(f).writerows([("path", "reason")] + skipped)
         print(f"scored {len(records)} image(s); skipped {len(skipped)}, listed in {os.path.join(out, 'skipped.csv')}")
-    return write_report(out, name, records, maps, member_scores, masks, ckpts, paths, backbone, args)
+    return report.write_report(out, name, records, maps, member_scores, masks, ckpts, paths, backbone, args)
 
 
-def report_warnings(report, ckpts, name):
-    """What a reader of these numbers must know first: random weights, an untrained detector, a calibration that
-    is inverted or degenerate, or fitted on another dataset than the one tested."""
-    c, cal, out = report["conditions"], report["calibration"], []
-    if c["random_init"]:
-        out.append(RANDOM_WEIGHTS)
-    if ckpts and 0 in c["detector_steps"]:
-        out.append("a checkpoint's detector never trained (0 detection steps: --steps within --eta-warmup); its "
-                   "numbers are CLIP's untouched zero-shot head")
-    if cal.get("warning"):
-        out.append(f"calibration: {cal['warning']}")
-    if ckpts and cal.get("method") and cal["fitted_on"].startswith("few-shot") and c["train_data"] != name:
-        cal["cross_dataset"] = (f"fitted on {c['train_data']} (the checkpoint's few-shot set), tested on {name}: "
-                                f"probabilities and thresholds may not transfer (--calib-split fits on {name})")
-        out.append(f"calibration and thresholds {cal['cross_dataset']}")
-    return out + calibration.transfer_warnings(report)
-
-
-def write_report(out, name, records, maps, member_scores, masks, ckpts, paths, backbone, args):
-    """Everything evaluate.py writes, from the maps and scores of M checkpoints (M = 1: that checkpoint alone)."""
-    os.makedirs(out, exist_ok=True)
-    score = member_scores.mean(0)                                                      # the ensemble: mean score
-    labels, classes = np.array([r["label"] for r in records]), np.array([r["cls"] for r in records])
-    fit = np.zeros(len(labels), bool)                    # images used to fit the calibration, left out of the report
-    if args.calib_split:                                 # by study: no volume on both sides (2D: by image)
-        fit, _ = studies.split_by_study(records, studies.group(records), args.calib_split, args.seed)
-    probs, fit_probs, fit_labels, cal = calibration.calibrate(member_scores, labels, fit, ckpts, paths, args)
-    thresholds = {} if probs is None else {
-        "p>=0.5": 0.5,
-        f"sensitivity>={args.target_sensitivity:g}": calibration.threshold_for_sensitivity(fit_probs, fit_labels,
-                                                                               args.target_sensitivity)}
-    exports.write_scores(os.path.join(out, "scores.csv"), records, member_scores, probs, thresholds, fit)
-    mean_map = maps[0] if len(maps) == 1 else maps.mean(0, dtype=np.float32).astype(np.float16)   # (N, S, S)
-    order = np.argsort(-score, kind="stable")
-    picks = order[np.linspace(0, len(order) - 1, min(args.overlays, len(order))).round().astype(int)]
-    has_masks = any(data.has_mask(r) for r in records)
-    scale = (float(mean_map.min()), float(mean_map.max()))   # one colour scale for every overlay of the run
-    for rank, i in enumerate(picks):
-        safe = exports.safe_name(records[i]["name"])
-        # a normal image of a dataset with masks has a truly empty mask; elsewhere there is no mask to show
-        known = data.has_mask(records[i]) or (has_masks and records[i]["label"] == 0)
-        caption = exports.overlay_caption(score[i], None if probs is None else probs[i], records[i]["label"])
-        exports.write_overlay(os.path.join(out, f"overlay_{rank:02d}_{safe}.png"), data.read_image(records[i]),
-                              mean_map[i].astype(np.float32), masks[i] if known else None, scale, caption,
-                              scans.display_sides(records[i]))
-    print(f"wrote {out}/scores.csv and {len(picks)} overlays")
-    if args.save_maps:
-        exports.save_maps(out, records, mean_map, score, probs)
-    groups, study_score, study_y, fit_study, _ = studies.verdicts(out, records, mean_map, score, probs, fit, args)
-    print(f"wrote {out}/studies.csv ({len(groups)} studies)")
-    if args.mood_out:
-        files = studies.mood_export(args.mood_out, args.mood_task, records, groups, study_score, mean_map)
-        print(f"wrote {len(files)} MOOD {args.mood_task} file(s) into {args.mood_out}")
-    if args.images:
-        if backbone["random_init"]:
-            print(f"WARNING: {RANDOM_WEIGHTS}")
-        return None
-
-    # every number below is on the reported images: the test set less any --calib-split fit images
-    keep = ~fit
-    rec, y, cls = [r for r, k in zip(records, keep) if k], labels[keep], classes[keep]
-    report = dict(dataset=name, split="test", reported_on=dict(images=int(keep.sum()),
-                                                                left_out_for_calibration=int(fit.sum())))
-    report.update(metrics.compute_metrics(rec, mean_map[keep], score[keep], masks[keep], args.bootstrap, args.seed))
-    report["bootstrap"] = dict(resamples=args.bootstrap, seed=args.seed, interval="percentile 95%",
-                                resampling="images with replacement, within the normal and the anomalous ones")
-    report["seeds"] = report["most_uncertain"] = None
-    if len(maps) > 1:  # each checkpoint alone, mean +- std; and the images the checkpoints disagree on most
-        members = [metrics.compute_metrics(rec, maps[j][keep], member_scores[j][keep], masks[keep])
-                   for j in range(len(maps))]
-        report["seeds"] = dict(metrics.summarise_members(members), note="each checkpoint alone; the headline numbers "
-                                "are the ensemble's (mean score over checkpoints)")
-        spread = member_scores[:, keep].std(0, ddof=1)
-        report["most_uncertain"] = [dict(name=rec[i]["name"], label=int(y[i]), cls=rec[i]["cls"],
-                                          score=float(score[keep][i]), score_std=float(spread[i]))
-                                     for i in np.argsort(-spread, kind="stable")[:10]]
-    report["calibration"], report["operating_points"] = cal, {}
-    if probs is not None:
-        p = probs[keep]
-        cal.update(ece=calibration.ece(p, y), ece_on_fit_data=calibration.ece(fit_probs, fit_labels),
-                   brier=float(np.mean((p - y) ** 2)), bins=calibration.ECE_BINS, reliability_png="reliability.png")
-        calibration.plot_reliability(os.path.join(out, "reliability.png"), p, y, cal["fitted_on"])
-        for key, t in thresholds.items():
-            op = calibration.operating_point(p, y, cls, t)
-            op.update(set_on=cal["fitted_on"], sensitivity_on_fit_data=float((fit_probs[fit_labels == 1] >= t).mean()))
-            if key.startswith("sensitivity>="):
-                op["target_sensitivity"] = args.target_sensitivity
-            report["operating_points"][key] = op
-    if any(len(idx) > 1 for _, idx in groups):           # volumes or series: per study as well as per slice
-        report["studies"] = studies.study_metrics(study_score, study_y, np.array([classes[i[0]] for _, i in groups]),
-                                                  ~fit_study, args.bootstrap, args.seed)
-        report["studies"]["rule"] = args.study_score
-    report["anomalib"] = metrics.anomalib_metrics(report, report["operating_points"].get("p>=0.5"))
-    # the ROC is of the (mean) score; an ensemble's operating points are on the mean calibrated probability, so
-    # they may sit just off its curve
-    metrics.plot_roc(os.path.join(out, "roc.png"), score[keep], y, cls, report, report["operating_points"])
-    report["conditions"] = dict(describe_checkpoints(ckpts, paths), **backbone, test_data=name,
-                                 image_score="max" if args.topk <= 0 else f"top{args.topk}",
-                                 code_version=code_version())
-    report["warnings"] = report_warnings(report, ckpts, name)
-    if backbone["random_init"]:
-        report["warning"] = RANDOM_WEIGHTS          # kept for readers of older reports; also first in warnings
-    write_json(report, os.path.join(out, "metrics.json"))
-    print_summary(report)
-    print(f"wrote {os.path.join(out, 'metrics.json')}, roc.png" + (", reliability.png" if probs is not None else ""))
-    return report
+def clear_earlier(out, overwrite):
+    """An earlier evaluation in `out` is refused in one line, or with --overwrite removed first (its files only:
+    what report.EVALUATION_FILES, overlay_*.png and maps/ name), so that two runs never mix in one folder."""
+    if not os.path.isdir(out):
+        return
+    earlier = [f for f in os.listdir(out) if f in report.EVALUATION_FILES or f.startswith("overlay_") or f == "maps"]
+    if earlier and not overwrite:
+        raise ValueError(f"--out {out}: holds an earlier evaluation ({', '.join(sorted(earlier)[:4])}"
+                         f"{', ...' if len(earlier) > 4 else ''}); give another --out, or --overwrite to replace it")
+    for f in earlier:
+        path = os.path.join(out, f)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def save_maps(out, records, amaps, scores, probs):
         np.savez_compressed(os.path.join(folder, safe_name(r["name"]) + ".npz"), anomaly_map=amap,
                             pred_score=probs[i] if probs is not None else scores[i], gt_label=r["label"], **extra)
     for path, idx in volumes.items():
-        scans.write_map_volume(path, [(records[i]["index"], amaps[i]) for i in idx], records[idx[0]]["scan"]["axis"],
+        write_nifti_map(path, [(records[i]["index"], amaps[i]) for i in idx], records[idx[0]]["scan"]["axis"],
                                os.path.join(folder, safe_name(os.path.basename(path)) + ".nii.gz"))
     print(f"wrote {len(records)} anomaly map(s) into {folder}")
 
@@ -75,7 +75,7 @@ def write_overlay(path, image, amap, mask, scale, caption, sides=None):
     call, truth) and a colour bar. scale (lo, hi): one range for every overlay of a run, so that a normal image's
     map is as cool as its values are, not stretched to its own max. image (H, W, 3) in [0, 1]; amap (S, S);
     mask (S, S) or None (a grey panel saying there is none). sides: the patient directions at the image's left and
-    right edges, e.g. ("R", "L") for a volume slice (scans.display_sides), marked on the image and map panels."""
+    right edges, e.g. ("R", "L") for a volume slice (display_sides), marked on the image and map panels."""
     from PIL import ImageDraw
     h, w = fit_side(*image.shape[:2])
     img = np.asarray(Image.fromarray((image * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR))
@@ -135,3 +135,41 @@ def write_scores(path, records, member_scores, probs, thresholds, fit):
                        + ([f"{x:.6f}" for x in s] if M > 1 else []) + ([int(fit[i])] if fit.any() else [])
                        + [f"{probs[i] if probs is not None else s.mean():.6f}",
                           int(probs[i] >= 0.5) if probs is not None else "", r["label"] if r["label"] >= 0 else ""])
+
+
+def display_sides(rec):
+    """The patient directions at the left and right edges of a volume slice as shown (nifti_slice, or a DICOM
+    series as stored: its row direction cosine), e.g. ("R", "L"); None for a plain image."""
+    if rec.get("series"):
+        ds = scans.read_dicom_header(rec["series"]["files"][0])
+        try:
+            row = [float(v) for v in ds.ImageOrientationPatient][:3]          # +column direction, in LPS
+        except (AttributeError, TypeError, ValueError):
+            return None
+        k = int(np.argmax(np.abs(row)))
+        toward = "LPS"[k] if row[k] > 0 else "RAI"[k]              # where the image's columns run, in LPS
+        return {"L": "R", "R": "L", "P": "A", "A": "P", "S": "I", "I": "S"}[toward], toward
+    if rec.get("path") and scans.is_nifti(rec["path"]) and rec.get("index") is not None:
+        return ("A", "P") if rec["scan"]["axis"] == "sagittal" else ("R", "L")
+    return None
+
+
+def write_nifti_map(path, slices, axis, out):
+    """Anomaly maps of slices of the NIfTI at `path` ([(index, (S, S) map)]) as one volume on that file's own
+    grid and affine (undoing the display rotation and the canonical reorientation); slices not given are 0."""
+    import nibabel as nib
+    original, canonical = scans.load_raw(path), scans.load_nifti(path)
+    shape = canonical.shape[:3] + (1,) * (3 - len(canonical.shape))
+    a = scans.AXES[axis] if shape[2] > 1 else 2
+    volume = np.zeros(shape, np.float32)
+    for index, amap in slices:
+        plane = [s for i, s in enumerate(shape) if i != a]                       # the slice's (rows, cols) before rot90
+        t = torch.from_numpy(amap.astype(np.float32))[None, None]
+        shown = torch.nn.functional.interpolate(t, size=(plane[1], plane[0]), mode="bilinear")[0, 0].numpy()
+        idx = [slice(None)] * 3
+        idx[a] = index
+        volume[tuple(idx)] = np.rot90(np.fliplr(shown), k=-1)                    # back from the display (scans.nifti_slice)
+    back = nib.orientations.ornt_transform(nib.orientations.io_orientation(canonical.affine),
+                                           nib.orientations.io_orientation(original.affine))
+    volume = nib.orientations.apply_orientation(volume, back).reshape(original.shape[:3])
+    nib.save(nib.Nifti1Image(volume, original.affine), out)

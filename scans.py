@@ -2,12 +2,12 @@
 Medical scan formats, read with the field's conventions into the images the rest of the project uses: (H, W)
 float32 in [0, 1]. pydicom and nibabel come with medvae; nothing else is needed.
 
-- DICOM (`.dcm`, `.dicom`, or any file with the DICM preamble): pixel data -> modality LUT (RescaleSlope and
+- DICOM (by content, whatever the name: the DICM preamble, or a dataset pydicom parses; sniff.py): pixel data -> modality LUT (RescaleSlope and
   RescaleIntercept, or the Modality LUT Sequence, pydicom's apply_modality_lut) -> the VOI window: --window C W
   if given, else the file's own WindowCenter/WindowWidth (the first of several; LINEAR, LINEAR_EXACT or SIGMOID
   as PS3.3 C.11.2.1.2 defines them) or its VOI LUT Sequence, else a robust 0.5-99.5 percentile window of the
   frame. MONOCHROME1 is inverted (its low values are white). A multi-frame file gives one image per frame.
-- NIfTI (`.nii`, `.nii.gz`): reoriented to the closest canonical orientation (RAS+, nibabel), sliced along
+- NIfTI-1/2, Analyze and MGH (by their header, whatever the name; RGB(A) voxels as luminance): reoriented to the closest canonical orientation (RAS+, nibabel), sliced along
   --slice-axis (axial: z, coronal: y, sagittal: x), shown in the radiological habit (anterior or superior up),
   windowed per volume (--window, or the volume's 0.5-99.5 percentiles). A 2D NIfTI is one image. A NIfTI mask
   must have its image's grid (shape and affine); label > 0 is the anomaly.
@@ -29,6 +29,8 @@ import warnings
 
 import numpy as np
 
+import sniff
+
 # pydicom's warnings about malformed values name no file: each problem is said once, with the file, where it matters
 warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
 logging.getLogger("pydicom").addHandler(logging.NullHandler())      # its decoders log tracebacks on failure
@@ -45,17 +47,15 @@ class ScanError(ValueError):
 
 
 def is_nifti(path):
-    return path.lower().endswith(NIFTI_EXTS)
+    """A NIfTI (or Analyze, or MGH) volume: by its header, whatever its name (sniff.py); a .nii/.nii.gz name that
+    is not readable still counts, so that its reader says what is wrong with it."""
+    return sniff.kind(path) in ("nifti", "mgh") or (path.lower().endswith(NIFTI_EXTS) and sniff.kind(path) is None)
 
 
 def is_dicom(path):
-    """By extension, or by the 'DICM' preamble at byte 128 (scanners often write files without an extension)."""
-    if path.lower().endswith(DICOM_EXTS):
-        return True
-    if os.path.splitext(path)[1] or not os.path.isfile(path):
-        return False
-    with open(path, "rb") as f:
-        return f.read(132)[128:] == b"DICM"
+    """By content (the 'DICM' preamble, or a dataset pydicom parses: sniff.py), whatever the name; a .dcm name that
+    is not readable still counts, so that its reader says what is wrong with it."""
+    return sniff.kind(path) == "dicom" or (path.lower().endswith(DICOM_EXTS) and sniff.kind(path) is None)
 
 
 def is_scan(path):
@@ -257,12 +257,12 @@ def load_nifti(path):
     file (.dtseries.nii and kin) is said to be one."""
     import nibabel as nib
     try:
-        img = nib.load(path)
+        img = load_raw(path)
     except Exception as e:
         raise ScanError(f"{path}: not a readable NIfTI file ({one_line(e)})") from None
     if isinstance(img, nib.Cifti2Image):
         raise ScanError(f"{path}: a CIFTI-2 file (data on brain surfaces and grayordinates), not a voxel volume")
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image, nib.AnalyzeImage, nib.MGHImage)):
         raise ScanError(f"{path}: a {type(img).__name__.replace('Image', '')} file, not a NIfTI volume")
     try:
         return nib.as_closest_canonical(img)
@@ -271,10 +271,41 @@ def load_nifti(path):
         raise ScanError(f"{path}: a {kind} file whose orientation cannot be read ({one_line(e)})") from None
 
 
+def load_raw(path):
+    """nibabel's image of a file, as stored: by its name where nibabel knows it, else from its bytes."""
+    import nibabel as nib
+    return nib.load(path) if path.lower().endswith((".nii", ".nii.gz", ".hdr", ".mgh", ".mgz")) else from_bytes(path)
+
+
+def from_bytes(path):
+    """A NIfTI-1/2 or MGH file under a name nibabel does not recognise (sniff.py found its header)."""
+    import nibabel as nib
+    raw = open(path, "rb").read()
+    raw = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+    for cls in (nib.Nifti1Image, nib.Nifti2Image, nib.MGHImage):
+        try:
+            return cls.from_bytes(raw)
+        except Exception:
+            continue
+    raise ScanError(f"{path}: a volume header, but no NIfTI-1, NIfTI-2 or MGH image nibabel can read")
+
+
+def as_grey(data, path):
+    """Structured voxels (RGB / RGBA NIfTI: fields R, G, B[, A]) as ITU-R BT.601 luminance; other structures are
+    one line."""
+    names = data.dtype.names or ()
+    if {"R", "G", "B"} <= set(names):
+        return 0.299 * data["R"].astype(np.float32) + 0.587 * data["G"] + 0.114 * data["B"]
+    raise ScanError(f"{path}: voxels of a structured type {data.dtype.descr}, not intensities (read as colour "
+                    f"only with R, G, B fields)")
+
+
 def nifti_volume(img, path):
-    """(X, Y, Z) float32 of a canonical image; 2D images get Z = 1. Truncated data is one line, not a traceback."""
+    """(X, Y, Z) float32 of a canonical image; 2D images get Z = 1; RGB(A) voxels as grey. Truncated data is one
+    line, not a traceback."""
     try:
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        raw = np.asarray(img.dataobj)
+        data = as_grey(raw, path) if raw.dtype.names else raw.astype(np.float32)
     except (EOFError, OSError, ValueError, gzip.BadGzipFile) as e:
         raise ScanError(f"{path}: NIfTI data shorter than its header says, truncated or corrupt "
                         f"({one_line(e)})") from None
@@ -294,23 +325,6 @@ def nifti_slice(volume, index, axis):
     (H, W)"""
     # a view, then one copy (np.take along the last, fastest axis is a slow gather: 60 ms for a 256^2 slice)
     return np.ascontiguousarray(np.fliplr(np.rot90(volume[(slice(None),) * axis + (index,)])))
-
-
-def display_sides(rec):
-    """The patient directions at the left and right edges of a volume slice as shown (nifti_slice, or a DICOM
-    series as stored: its row direction cosine), e.g. ("R", "L"); None for a plain image."""
-    if rec.get("series"):
-        ds = read_dicom_header(rec["series"]["files"][0])
-        try:
-            row = [float(v) for v in ds.ImageOrientationPatient][:3]          # +column direction, in LPS
-        except (AttributeError, TypeError, ValueError):
-            return None
-        k = int(np.argmax(np.abs(row)))
-        toward = "LPS"[k] if row[k] > 0 else "RAI"[k]              # where the image's columns run, in LPS
-        return {"L": "R", "R": "L", "P": "A", "A": "P", "S": "I", "I": "S"}[toward], toward
-    if rec.get("path") and is_nifti(rec["path"]) and rec.get("index") is not None:
-        return ("A", "P") if rec["scan"]["axis"] == "sagittal" else ("R", "L")
-    return None
 
 
 @functools.lru_cache(maxsize=2)
@@ -375,25 +389,3 @@ def dicom_size(path):
 
 def read_scan(path, index=0, axis="axial", window=None):
     return read_nifti(path, index, axis, window) if is_nifti(path) else read_dicom(path, index, window)
-
-
-def write_map_volume(path, slices, axis, out):
-    """Anomaly maps of slices of the NIfTI at `path` ([(index, (S, S) map)]) as one volume on that file's own
-    grid and affine (undoing the display rotation and the canonical reorientation); slices not given are 0."""
-    import nibabel as nib
-    import torch
-    original, canonical = nib.load(path), load_nifti(path)
-    shape = canonical.shape[:3] + (1,) * (3 - len(canonical.shape))
-    a = AXES[axis] if shape[2] > 1 else 2
-    volume = np.zeros(shape, np.float32)
-    for index, amap in slices:
-        plane = [s for i, s in enumerate(shape) if i != a]                       # the slice's (rows, cols) before rot90
-        t = torch.from_numpy(amap.astype(np.float32))[None, None]
-        shown = torch.nn.functional.interpolate(t, size=(plane[1], plane[0]), mode="bilinear")[0, 0].numpy()
-        idx = [slice(None)] * 3
-        idx[a] = index
-        volume[tuple(idx)] = np.rot90(np.fliplr(shown), k=-1)                    # back from the display (nifti_slice)
-    back = nib.orientations.ornt_transform(nib.orientations.io_orientation(canonical.affine),
-                                           nib.orientations.io_orientation(original.affine))
-    volume = nib.orientations.apply_orientation(volume, back).reshape(original.shape[:3])
-    nib.save(nib.Nifti1Image(volume, original.affine), out)

@@ -48,6 +48,18 @@ def read_headers(paths):
     return heads, rest
 
 
+IMAGE_PARTS = {"M": "magnitude", "MAGNITUDE": "magnitude", "P": "phase", "PHASE": "phase", "R": "real",
+               "REAL": "real", "I": "imaginary", "IMAGINARY": "imaginary"}
+
+
+def part_of(ds):
+    """What splits one SeriesInstanceUID into volumes, as dcm2niix splits it: the echo (EchoNumbers) and the
+    magnitude / phase / real / imaginary part (ImageType); () for a plain series."""
+    echo = str(ds.get("EchoNumbers", "") or "").strip()
+    kind = next((IMAGE_PARTS[t.upper()] for t in ds.get("ImageType", []) or [] if str(t).upper() in IMAGE_PARTS), "")
+    return tuple(x for x in (f"echo{echo}" if echo else "", kind) if x)
+
+
 def numbers(value, n):
     """A multi-valued DS (n numbers) as floats, or None when absent or malformed."""
     try:
@@ -123,31 +135,49 @@ def find_series(paths, root):
     be read as a volume (each is scored on its own; the line says why it is not a volume). What was found odd in
     a series that is read goes into its "notes"."""
     heads, singles = read_headers(paths)
-    groups = {}
+    groups = {}                                      # (SeriesInstanceUID, echo / magnitude-phase part) -> files
     for p, ds in heads:
-        groups.setdefault(str(ds.SeriesInstanceUID), []).append((p, ds))
-    for uid in [u for u, hs in groups.items() if len(hs) == 1]:
-        singles.append(groups.pop(uid)[0][0])                    # a one-file series is a plain image
+        groups.setdefault((str(ds.SeriesInstanceUID), part_of(ds)), []).append((p, ds))
+    for key in [k for k, hs in groups.items() if len(hs) == 1]:
+        singles.append(groups.pop(key)[0][0])                    # a one-file series is a plain image
+    parts = {}
+    for uid, part in groups:
+        parts.setdefault(uid, []).append(part)
     folders = {}
-    for uid, hs in groups.items():
+    for key, hs in groups.items():
         folder = os.path.relpath(os.path.commonpath([os.path.dirname(p) for p, _ in hs]), root).replace(os.sep, "/")
-        folders.setdefault(folder, []).append(uid)
+        folders.setdefault(folder, []).append(key)
     found, alone = [], {}
-    for folder, uids in sorted(folders.items()):
-        series_numbers = [str(groups[u][0][1].get("SeriesNumber", "") or "") for u in uids]
-        for uid, number in zip(uids, series_numbers):
-            name = folder if len(uids) == 1 else f"{folder}@{number if series_numbers.count(number) == 1 else uid}"
-            ordered, pos, notes, left = order_series(groups[uid], name)
+    for folder, keys in sorted(folders.items()):
+        series_no = {k[0]: str(groups[k][0][1].get("SeriesNumber", "") or "") for k in keys}   # uid -> number
+        for uid, part in keys:
+            number = series_no[uid]
+            name = folder if len(series_no) == 1 else \
+                f"{folder}@{number if list(series_no.values()).count(number) == 1 else uid}"
+            name += f"@{'-'.join(part)}" if len(parts[uid]) > 1 else ""      # echoes, magnitude / phase: apart
+            hs = groups[(uid, part)]
+            ordered, pos, notes, left = order_series(hs, name)
             alone.update(left)
             if ordered is None or len(ordered) < 2:
                 why = notes[-1] if ordered is None else f"series {name} has 1 slice left"
                 alone.update({p: f"{p}: not read as a volume ({why}): scored on its own"
-                              for p, _ in groups[uid] if p not in alone})
+                              for p, _ in hs if p not in alone})
                 continue
             s = describe(ordered, pos, name, folder)
-            s["notes"] = notes + [n for n in [gap_note(pos, name)] if n]
+            s["notes"] = notes + [n for n in [gap_note(pos, name), tilt_note(hs, name)] if n]
+            s["tilted"] = tilt_note(hs, name) is not None
             found.append(s)
     return found, sorted(singles + list(alone)), alone
+
+
+def tilt_note(heads, name):
+    """A CT acquired with the gantry tilted (GantryDetectorTilt): its slices are sheared against the patient axes,
+    which a NIfTI affine of a stack of slices does not express; the note, or None."""
+    tilt = numbers([heads[0][1].get("GantryDetectorTilt", 0) or 0], 1)
+    if tilt and abs(tilt[0]) > 0.01:
+        return (f"series {name}: gantry tilt {tilt[0]:g} deg: its slices are sheared, so its map volume is not "
+                f"written (an unsheared affine would misplace it); slice and study scores are unaffected")
+    return None
 
 
 def series_affine(heads, pos):

@@ -87,15 +87,18 @@ def identity(rec):
 
 
 def write_map_volume(records, idx, amaps, out):
-    """The map volume of a NIfTI or series study on its own grid (slices not scored: 0); None for 2D studies."""
+    """The map volume of a NIfTI or series study on its own grid (slices not scored: 0); None for 2D studies and
+    for a series acquired with a tilted gantry (series.tilt_note says so in the study's notes)."""
     rec = records[idx[0]]
+    if rec.get("series", {}).get("tilted"):
+        return None
     slices = [(records[i]["index"], amaps[i]) for i in idx]
     if rec.get("series") or (rec.get("path") and scans.is_nifti(rec["path"]) and rec.get("index") is not None):
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if rec.get("series"):
         series.write_map_volume(rec["series"], slices, out)
     elif rec.get("path") and scans.is_nifti(rec["path"]) and rec.get("index") is not None:
-        scans.write_map_volume(rec["path"], slices, rec["scan"]["axis"], out)
+        exports.write_nifti_map(rec["path"], slices, rec["scan"]["axis"], out)
     else:
         return None
     return out

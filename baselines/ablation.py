@@ -35,6 +35,7 @@ import numpy as np
 
 import data
 import evaluate
+import report
 import runfiles
 import train
 
@@ -161,7 +162,7 @@ def evaluate_together(args, folders, test):
     records = data.load_split(test, args.data_root, "test")
     maps, scores, masks = evaluate.predict(records, clip, dets, layers, ev, device)   # (M, N, S, S), (M, N)
     for j, folder in enumerate(folders):
-        evaluate.write_report(os.path.join(folder, f"eval-{test}"), test, records, maps[j:j + 1], scores[j:j + 1],
+        report.write_report(os.path.join(folder, f"eval-{test}"), test, records, maps[j:j + 1], scores[j:j + 1],
                               masks, [ckpts[j]], [paths[j]], backbone, ev)
 
 

@@ -73,5 +73,5 @@ def test_ablation_evaluates_a_block_in_one_pass_as_each_alone(monkeypatch, tmp_p
     assert sum(seen) == together[0]["reported_on"]["images"]      # one forward of the test set for both runs
     for f, m in zip(folders, together):
         alone = evaluate.main(evaluate.parse_args(["--ckpt", str(f / "run.pt"), "--out", str(tmp_path / "alone"),
-                                                   "--overlays", "0", "--bootstrap", "0"]))
+                                                   "--overwrite", "--overlays", "0", "--bootstrap", "0"]))
         assert json.loads(json.dumps(alone)) == m == json.load(open(f / "eval-synthetic" / "metrics.json"))

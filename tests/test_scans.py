@@ -13,6 +13,7 @@ from pydicom.pixels import apply_modality_lut, apply_windowing
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
 import data
+import exports
 import folders
 import scans
 
@@ -140,9 +141,9 @@ def test_nifti_masks_must_share_the_grid(tmp_path):
 
 
 def test_nifti_2d_empty_slices_and_a_lying_header(tmp_path):
-    write_volume(tmp_path / "xray.nii", np.ones((40, 50), np.float32), np.eye(4))
-    volume = np.zeros((16, 16, 8), np.float32)
-    volume[4:12, 4:12, 3:5] = 1
+    write_volume(tmp_path / "xray.nii", np.linspace(0, 1, 2000, dtype=np.float32).reshape(40, 50), np.eye(4))
+    volume = np.zeros((40, 40, 8), np.float32)
+    volume[10:30, 10:30, 3:5] = 1
     write_volume(tmp_path / "vol.nii.gz", volume, np.eye(4))
     recs, _ = folders.list_images(tmp_path, scan=dict(skip_empty=True))
     assert [r["name"] for r in recs] == ["vol.nii.gz#z=3", "vol.nii.gz#z=4", "xray.nii"]
@@ -178,7 +179,7 @@ def test_a_volume_of_maps_lands_on_the_input_grid(tmp_path):
     amap = np.zeros(shown.shape, np.float16)
     amap[:5, -9:] = 1                                                            # top right of the display
     out = str(tmp_path / "map.nii.gz")
-    scans.write_map_volume(path, [(7, amap)], "axial", out)
+    exports.write_nifti_map(path, [(7, amap)], "axial", out)
     saved = nib.load(out)
     assert saved.shape == volume.shape and np.allclose(saved.affine, AFFINE)
     back = np.asarray(nib.as_closest_canonical(saved).dataobj)

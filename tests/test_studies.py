@@ -13,6 +13,7 @@ from sklearn.metrics import average_precision_score
 import augment
 import data
 import evaluate
+import exports
 import scans
 import series
 import studies
@@ -267,6 +268,6 @@ def test_nifti_and_dicom_series_of_one_volume_show_the_same_picture(tmp_path):
         assert n.shape == d.shape
         corr = lambda x: np.corrcoef(x.ravel(), d.ravel())[0, 1]
         assert corr(n) > 0.999 and corr(np.fliplr(n)) < 0.95
-    assert scans.display_sides({"series": s}) == ("R", "L")
-    assert scans.display_sides(dict(path=nii, index=0, scan=dict(axis="axial"))) == ("R", "L")
-    assert scans.display_sides(dict(path=nii, index=0, scan=dict(axis="sagittal"))) == ("A", "P")
+    assert exports.display_sides({"series": s}) == ("R", "L")
+    assert exports.display_sides(dict(path=nii, index=0, scan=dict(axis="axial"))) == ("R", "L")
+    assert exports.display_sides(dict(path=nii, index=0, scan=dict(axis="sagittal"))) == ("A", "P")

@@ -69,7 +69,8 @@ def test_zero_shot_and_own_images(tmp_path):
     from PIL import Image
     (tmp_path / "imgs" / "sub").mkdir(parents=True)
     for i in range(3):
-        Image.fromarray(np.full((40, 40), 60 * i, np.uint8)).save(tmp_path / "imgs" / "sub" / f"{i}.png")
+        Image.fromarray((np.random.default_rng(i).random((40, 40)) * 255).astype(np.uint8)).save(
+            tmp_path / "imgs" / "sub" / f"{i}.png")
     assert evaluate.main(evaluate.parse_args(["--zero-shot", "--random-init", "--clip", TINY_CLIP, "--images",
                                               str(tmp_path / "imgs"), "--out", str(tmp_path / "own")])) is None
     assert len(open(tmp_path / "own" / "scores.csv").read().splitlines()) == 4
