@@ -9,9 +9,11 @@ time, with avx512_bf16 alone it took 1.2x on a capped Xeon but 0.6x on a native 
   encodings of train.py and evaluate.py's per-image forward); bf16 runs fastclip's cast, folded copy, as they do;
 - trainables: forward + backward of one text-tower block on the 21 prompts, a linear layer on a batch of token
   maps (the adapters) and a 3x3 convolution on a batch of latents (eta_theta, P_theta), as one detector step does.
-Each is timed after a warm-up, the fastest of REPEATS (bf16's warm-up alone where it took over 3x fp32's time);
-bf16 is chosen where it is faster and its output agrees with fp32's within AGREEMENT (relative L2). The verdict is cached per CPU model, torch version, thread count,
-oneDNN cap and shapes in CACHE (~/.cache/oneshot-medad/precision.json): a later run reads it and measures nothing.
+Each is timed after a warm-up, the fastest of REPEATS, fp32 and bf16 interleaved; bf16 is chosen where it is
+faster and its output agrees with fp32's within AGREEMENT (relative L2). The verdict is cached per CPU model, torch
+version, thread count, oneDNN cap and shapes in CACHE (~/.cache/oneshot-medad/precision.json), so a later run
+measures nothing; a verdict measured while the machine was busy (load average above its cores) is used for that
+run only, not cached.
 CUDA: the frozen forwards in bf16, the trainables in fp32 (not yet measured on a GPU); MPS: fp32.
 
     import precision
@@ -68,20 +70,23 @@ def clip_shapes(clip):
                 tokens=(size // v["patch_size"]) ** 2 + 1, text_width=t["width"], text_heads=t["heads"])
 
 
-def best_time(fn, timer=time.perf_counter, give_up=float("inf")):
-    """fn's fastest of REPEATS timed calls after a warm-up, and its last output; only the warm-up where that alone
-    took over give_up seconds (bf16 without native kernels: 2-30x slower, no need to time it again)."""
+def time_pair(fp32_fn, bf16_fn, timer=time.perf_counter):
+    """Each call's fastest of REPEATS, the two interleaved so that a load that comes and goes falls on both alike,
+    after a warm-up of each; bf16 is not timed again where its warm-up alone took over 3x fp32's best (bf16
+    without native kernels: 2-30x slower). Returns the seconds and the last outputs."""
+    fp32_fn()
     t = timer()
-    out = fn()
-    best = timer() - t
-    if best > give_up:
-        return best, out
-    best = float("inf")
+    y16 = bf16_fn()
+    t16, t32 = timer() - t, float("inf")
     for _ in range(REPEATS):
         t = timer()
-        out = fn()
-        best = min(best, timer() - t)
-    return best, out
+        y32 = fp32_fn()
+        t32 = min(t32, timer() - t)
+        if t16 <= 3 * t32:
+            t = timer()
+            y16 = bf16_fn()
+            t16 = min(t16, timer() - t)
+    return t32, t16, y32, y16
 
 
 def block(width, heads):
@@ -131,12 +136,18 @@ def measure(shapes, timer=time.perf_counter, probes=PROBES):
     for path, probe in probes:
         torch.manual_seed(0)
         fp32_fn, bf16_fn = probe(shapes, gen)
-        t32, y32 = best_time(fp32_fn, timer)
-        t16, y16 = best_time(bf16_fn, timer, give_up=3 * t32)
+        t32, t16, y32, y16 = time_pair(fp32_fn, bf16_fn, timer)
         err = float((y16.float() - y32).norm() / y32.norm().clamp_min(1e-30))
         verdict[path] = dict(fp32_s=round(t32, 4), bf16_s=round(t16, 4), rel_err=round(err, 4),
                              bf16=bool(t16 < t32 and err <= AGREEMENT))
     return verdict
+
+
+def busy():
+    """(load average, cores) when the machine is busier than its cores (timings then say little), else (None, n)."""
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return (load if load > cores else None), cores
 
 
 def read_cache(path=CACHE):
@@ -192,9 +203,12 @@ def pick(precision, device, clip, measure_fn=measure, cache_path=CACHE):
         if cached:
             _verdicts[key] = dict(cached, source=f"cached in {cache_path}")
         else:
+            load, cores = busy()
             verdict = measure_fn(shapes)
-            write_cache(key, verdict, cache_path)
-            _verdicts[key] = dict(verdict, source="measured now, cached in " + cache_path)
+            if load is None:
+                write_cache(key, verdict, cache_path)
+            _verdicts[key] = dict(verdict, source="measured now, cached in " + cache_path if load is None else
+                                  f"measured now on a busy machine (load {load:.1f} on {cores} cores): not cached")
     v = _verdicts[key]
     return dict(frozen=v["frozen"]["bf16"], trainables=v["trainables"]["bf16"], source=v["source"],
                 measured={p: v[p] for p in ("frozen", "trainables")}, line=describe(v, v["source"]))

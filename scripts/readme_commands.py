@@ -44,9 +44,11 @@ def readme_commands(text):
 
 
 def run(cmd, cwd, timeout):
+    """cmd with bash, `python` being this interpreter (the venv this script runs in, as a user's activated one)."""
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     t0 = time.time()
     try:
-        r = subprocess.run(["bash", "-c", cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(["bash", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
         rc, out = r.returncode, (r.stdout + r.stderr).strip().replace("\r", "\n")
     except subprocess.TimeoutExpired:
         rc, out = 124, f"timed out after {timeout} s"

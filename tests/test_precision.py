@@ -44,6 +44,7 @@ def verdict(frozen, trainables):
 
 def test_a_cached_verdict_is_reused_and_another_thread_count_measures_again(tmp_path, monkeypatch):
     monkeypatch.delenv("MEDAD_PRECISION_AUTO", raising=False)
+    monkeypatch.setattr(precision.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
     monkeypatch.setattr(precision, "_verdicts", {})
     calls = []
     measure = lambda shapes: calls.append(shapes) or verdict(True, False)
@@ -62,6 +63,20 @@ def test_a_cached_verdict_is_reused_and_another_thread_count_measures_again(tmp_
         torch.set_num_threads(threads)
     precision.pick("auto", cpu, "ViT-L-14", measure, cache)              # other shapes: measured again
     assert len(calls) == 3 and calls[-1]["vision_width"] == 1024
+
+
+def test_a_verdict_measured_on_a_busy_machine_is_not_cached(tmp_path, monkeypatch):
+    monkeypatch.delenv("MEDAD_PRECISION_AUTO", raising=False)
+    monkeypatch.setattr(precision, "_verdicts", {})
+    monkeypatch.setattr(precision.os, "getloadavg", lambda: (99.0, 99.0, 99.0))
+    calls, cache = [], str(tmp_path / "precision.json")
+    measure = lambda shapes: calls.append(1) or verdict(False, False)
+    first = precision.pick("auto", torch.device("cpu"), "ViT-B-16", measure, cache)
+    assert "busy machine (load 99.0" in first["line"] and not (tmp_path / "precision.json").exists()
+    monkeypatch.setattr(precision, "_verdicts", {})
+    monkeypatch.setattr(precision.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    precision.pick("auto", torch.device("cpu"), "ViT-B-16", measure, cache)             # quiet now: measured, kept
+    assert len(calls) == 2 and (tmp_path / "precision.json").exists()
 
 
 def test_forced_precisions_and_other_devices_measure_nothing(monkeypatch, tiny_clip):
