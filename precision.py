@@ -6,7 +6,8 @@ Whether bf16 pays on a CPU is a question about kernels, not flags: with AMX tile
 time, with avx512_bf16 alone it took 1.2x on a capped Xeon but 0.6x on a native AMD EPYC, with AVX2 7x
 (docs/speed.md). So `auto` times both, per path, once per machine:
 - frozen: one residual block of the run's CLIP image tower, forward, on a batch of 4 images' tokens (the frozen
-  encodings of train.py and evaluate.py's per-image forward); bf16 runs fastclip's cast, folded copy, as they do;
+  encodings of train.py and evaluate.py's per-image forward); bf16 runs fastclip's cast, folded copy, as
+  evaluate.py does (train.py's one batch of views casts under autocast once: the same kernels);
 - trainables: forward + backward of one text-tower block on the 21 prompts, a linear layer on a batch of token
   maps (the adapters) and a 3x3 convolution on a batch of latents (eta_theta, P_theta), as one detector step does.
 Each is timed after a warm-up, the fastest of REPEATS, fp32 and bf16 interleaved; bf16 is chosen where it is
